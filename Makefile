@@ -51,5 +51,9 @@ bench-quick: setup
 loadtest: setup
 	$(PY) -m loadtest.run
 
+# Regenerate the gRPC stubs (services/sinkserve/v1) from protos/; tests/integration/test_proto.py checks drift.
+proto: $(VENV)/.stamp-deps
+	$(PY) protos/generate.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

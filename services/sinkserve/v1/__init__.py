@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for sinkserve.v1 (from protos/; do not edit, run `make proto`)."""
