@@ -1,0 +1,123 @@
+"""Sink-window attention over the KV slab for one batched step.
+
+A step's tokens are flattened to `[N, ...]` for the linear layers (no padding there). Attention runs per
+group of sessions: a decode group (one query per session) and a prefill group (chunks padded to the
+longest). Every query sees, in cache positions:
+  - the slot's sink entries (keys in the cache frame),
+  - the slot's ring entries still inside its window (keys in the window frame),
+  - the earlier tokens of its own chunk (both frames computed; the mask picks the right one).
+The chunk is written into the slab only after attention, so a chunk that wraps the ring never hides
+entries from the earlier queries of the same chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sinkserve.engine.kv_cache import KVSlab
+from sinkserve.engine.rope import apply_rope
+
+
+@dataclass
+class AttnGroup:
+    slots: torch.Tensor  # [B] slot index per row
+    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
+    tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
+    valid: torch.Tensor  # [B, T] bool: real query
+    mask: torch.Tensor  # [B, T, sinks + T + window + T] bool, key order as in `_scores`
+    single_query: bool  # T == 1 and every row valid: plain index_select, no padding
+
+
+@dataclass
+class StepBatch:
+    """Everything the layers need for one step; built once, shared by every layer."""
+
+    token_ids: torch.Tensor  # [N]
+    cos_cache: torch.Tensor  # [N, rot_dim] rotation by cache position (against sinks)
+    sin_cache: torch.Tensor
+    cos_window: torch.Tensor  # [N, rot_dim] rotation by window-frame position (against the ring)
+    sin_window: torch.Tensor
+    write_slot: torch.Tensor  # [N]
+    write_entry: torch.Tensor  # [N] entry index inside the slot
+    is_sink_token: torch.Tensor  # [N] bool
+    groups: list[AttnGroup]
+    logits_index: torch.Tensor  # [M] flat indices whose logits the step returns
+
+
+def sink_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch
+) -> torch.Tensor:
+    """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab."""
+    q_cache = apply_rope(q, batch.cos_cache, batch.sin_cache)
+    q_window = apply_rope(q, batch.cos_window, batch.sin_window)
+    k_cache = apply_rope(k, batch.cos_cache, batch.sin_cache)
+    k_window = apply_rope(k, batch.cos_window, batch.sin_window)
+    out = q.new_empty(q.shape)
+    for group in batch.groups:
+        _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab, layer, group)
+    # Sink tokens are stored in the cache frame, window tokens in the window frame.
+    k_store = torch.where(batch.is_sink_token[:, None, None], k_cache, k_window)
+    slab.k[layer, batch.write_slot, :, batch.write_entry] = k_store
+    slab.v[layer, batch.write_slot, :, batch.write_entry] = v
+    return out
+
+
+def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
+    """Flat [N, H, D] -> per-group [B, T, H, D] (padding rows read the zero row appended at N)."""
+    if group.single_query:
+        return x.index_select(0, group.tokens[:, 0]).unsqueeze(1)
+    padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
+    return padded[group.tokens]
+
+
+def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab, layer: int, group: AttnGroup):
+    sinks = slab.geometry.sinks
+    qc, qw = _rows(q_cache, group), _rows(q_window, group)  # [B, T, Hq, D]
+    kc, kw, vc = _rows(k_cache, group), _rows(k_window, group), _rows(v, group)  # [B, T, Hkv, D]
+    batch, steps, n_heads, head_dim = qc.shape
+    n_kv = kc.shape[2]
+    per_kv = n_heads // n_kv
+
+    def heads_first(x):  # [B, T, Hq, D] -> [B, Hkv, per_kv * T, D]: GQA without repeating K/V
+        return x.view(batch, steps, n_kv, per_kv, head_dim).permute(0, 2, 3, 1, 4).reshape(
+            batch, n_kv, per_kv * steps, head_dim
+        )
+
+    qc, qw = heads_first(qc), heads_first(qw)
+    kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
+    if group.slot_range is not None:
+        start, stop = group.slot_range
+        slab_k, slab_v = slab.k[layer, start:stop], slab.v[layer, start:stop]
+    else:
+        slab_k, slab_v = slab.k[layer].index_select(0, group.slots), slab.v[layer].index_select(0, group.slots)
+    sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
+    sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]
+
+    parts = []
+    if sinks:
+        parts += [qc @ sink_k.transpose(-1, -2), qc @ kc.transpose(-1, -2)]
+    parts += [qw @ ring_k.transpose(-1, -2), qw @ kw.transpose(-1, -2)]
+    scores = torch.cat(parts, dim=-1) * (head_dim**-0.5)
+    width = scores.shape[-1]
+    scores = scores.view(batch, n_kv, per_kv, steps, width)
+    mask = group.mask if sinks else group.mask[..., sinks + steps :]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(vc.dtype).view(batch, n_kv, per_kv * steps, width)
+
+    window = ring_k.shape[2]
+    if sinks:
+        p_sink, p_chunk_c = probs[..., :sinks], probs[..., sinks : sinks + steps]
+        rest = probs[..., sinks + steps :]
+        attn = p_sink @ sink_v + (p_chunk_c + rest[..., window:]) @ vc + rest[..., :window] @ ring_v
+    else:
+        attn = probs[..., :window] @ ring_v + probs[..., window:] @ vc
+    # [B, Hkv, per_kv * T, D] -> [B, T, Hq, D]
+    attn = attn.view(batch, n_kv, per_kv, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(
+        batch, steps, n_heads, head_dim
+    )
+    if group.single_query:
+        out[group.tokens[:, 0]] = attn[:, 0]
+    else:
+        out[group.tokens[group.valid]] = attn[group.valid]

@@ -1,0 +1,54 @@
+"""Model families, one module each; `load_model` picks one from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from sinkserve.engine.models import gpt_neox, llama
+from sinkserve.engine.types import UnsupportedModel
+
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox)
+SUPPORTED_ARCHITECTURES = tuple(arch for family in FAMILIES for arch in family.HF_ARCHITECTURES)
+
+
+def family_for(config: dict) -> ModuleType:
+    for arch in config.get("architectures") or []:
+        for family in FAMILIES:
+            if arch in family.HF_ARCHITECTURES:
+                return family
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if any(arch.lower().startswith(str(model_type).replace("_", "")) for arch in family.HF_ARCHITECTURES):
+            return family
+    raise UnsupportedModel(
+        f"unsupported architecture {config.get('architectures') or model_type!r}; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Build the model for `checkpoint` (config.json + *.safetensors) in eval mode; returns (model, hf_config)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    family = family_for(config)
+    args = family.ModelArgs.from_hf(config)
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"{checkpoint}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+    hf_state: dict[str, torch.Tensor] = {}
+    for file in files:
+        hf_state.update(load_file(file))
+    state = family.Transformer.convert_hf_state_dict(hf_state, args)
+    with torch.device("meta"):
+        model = family.Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True replaced the parameters; re-tie them
+        out = model.output if hasattr(model, "output") else model.embed_out
+        emb = model.tok_embeddings if hasattr(model, "tok_embeddings") else model.embed_in
+        out.weight = emb.weight
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config

@@ -1,0 +1,60 @@
+"""Rotary position embeddings (the rotate-half convention of Llama and GPT-NeoX checkpoints)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sinkserve.engine.types import UnsupportedModel
+
+
+def inv_frequencies(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Per-pair inverse frequencies in float64, with the rope scalings checkpoints we load use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        smooth = (old_context / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    raise UnsupportedModel(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_table(inv_freq: torch.Tensor, positions: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, positions): [positions, rot_dim], computed in float64 for accuracy."""
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+
+
+def rope_for_offsets(inv_freq: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for arbitrary (possibly negative) integer offsets: [len(offsets), rot_dim]."""
+    angles = torch.outer(offsets.to(torch.float64).cpu(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1).to(offsets.device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot_dim features of x [..., heads, head_dim]; cos/sin are [..., rot_dim]
+    (broadcast over heads). Features past rot_dim (GPT-NeoX partial rotary) pass through."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if rot_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
