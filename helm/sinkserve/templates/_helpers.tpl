@@ -169,13 +169,13 @@ that names the values to change.
 {{- end }}
 {{- if gt (int .gpus) $maxGpusPerPod }}{{ $maxGpusPerPod = int .gpus }}{{ end }}
 {{- end }}
+{{- if and (gt (float64 $r.numGpus) 0.0) (eq $maxGpusPerPod 0) }}
+{{- fail "replica.numGpus > 0 but no worker group has GPUs: set ray.workerGroups[].gpus, or replica.numGpus: 0 for CPU-only" }}
+{{- end }}
 {{- /* One replica's shards share a node (STRICT_PACK), so they must fit in one worker pod. */}}
 {{- $gpusPerReplica := mulf (float64 $r.numGpus) (float64 $r.tensorParallel) }}
 {{- if and (gt $gpusPerReplica 0.0) (gt $gpusPerReplica (float64 $maxGpusPerPod)) (eq $r.placementGroupStrategy "STRICT_PACK") }}
 {{- fail (printf "a replica needs replica.numGpus x replica.tensorParallel = %v GPUs on one node (STRICT_PACK), but the largest worker group has %d GPUs per pod: raise ray.workerGroups[].gpus or lower replica.tensorParallel" $gpusPerReplica $maxGpusPerPod) }}
-{{- end }}
-{{- if and (gt (float64 $r.numGpus) 0.0) (eq $maxGpusPerPod 0) }}
-{{- fail "replica.numGpus > 0 but no worker group has GPUs: set ray.workerGroups[].gpus, or replica.numGpus: 0 for CPU-only" }}
 {{- end }}
 {{- if and (eq (float64 $r.numGpus) 0.0) (hasPrefix "cuda" .Values.engine.device) }}
 {{- fail (printf "engine.device is %q but replica.numGpus is 0: a replica would see no GPU" .Values.engine.device) }}
