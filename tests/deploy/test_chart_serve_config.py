@@ -122,3 +122,17 @@ def test_serve_redis_url_matches_the_pods_env(renders, value_set_name):
         env = env_of(template["spec"]["containers"][0])
         if "SINKSERVE_REDIS__URL" in env:
             assert env["SINKSERVE_REDIS__URL"]["value"] == app["args"]["redis"]["url"], label
+
+
+def test_deployment_override_is_what_the_app_itself_would_set(rendered):
+    # The config repeats the app's own scheduling options so that Serve and KubeRay show them; they must
+    # agree with what build_app derives from the same args, or the config silently wins with other numbers.
+    from sinkserve.replica import DEPLOYMENT_NAME
+    from sinkserve.replica.app import deployment_options
+
+    (app,) = rendered.serve_config["applications"]
+    (override,) = app["deployments"]
+    from_code = deployment_options(Settings.model_validate(app["args"]))
+    from_code.pop("request_router_config")  # configured in code only (it names a Python class)
+    assert override["name"] == DEPLOYMENT_NAME
+    assert override == from_code

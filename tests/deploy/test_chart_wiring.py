@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import subprocess
 
 import pytest
 from pydantic import BaseModel
@@ -95,10 +96,16 @@ def test_gateway_is_wired_to_ray_and_redis(rendered):
     fullname = rendered.fullname
     gateway = rendered.named("Deployment", f"{fullname}-gateway")
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["sinkserve", "gateway"]
+    # The pod joins the Ray cluster as a resource-less node, then runs the gateway as a driver on it.
+    assert container["command"] == ["tini", "--", "bash", "-c"]
+    (script,) = container["args"]
+    assert "ray start" in script and "--num-cpus=0 --num-gpus=0" in script
+    assert script.rstrip().endswith("exec sinkserve gateway")
     env = env_of(container)
-    # KubeRay's stable head Service of a RayService is "<name>-head-svc"; Ray Client listens on 10001.
-    assert env["SINKSERVE_RAY__ADDRESS"]["value"] == f"ray://{fullname}-head-svc:10001"
+    # KubeRay's stable head Service of a RayService is "<name>-head-svc"; the GCS listens on 6379.
+    assert env["RAY_HEAD_ADDRESS"]["value"] == f"{fullname}-head-svc:6379"
+    assert env["SINKSERVE_RAY__ADDRESS"]["value"] == "auto"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["SINKSERVE_GATEWAY__HOST"]["value"] == "0.0.0.0"
     assert int(env["SINKSERVE_GATEWAY__PORT"]["value"]) == container["ports"][0]["containerPort"]
     secret_ref = env["SINKSERVE_REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"]
@@ -251,3 +258,12 @@ def test_release_password_is_not_rendered_in_plain_text(renders, value_set_name)
     password = base64.b64decode(secret["data"]["redis-password"]).decode()
     others = [o for o in rendered.objects if o is not secret]
     assert password not in repr(others)
+
+
+def test_gateway_start_script_is_valid_bash(renders, tmp_path):
+    rendered = renders["gpu-default"]
+    (container,) = rendered.named("Deployment", f"{rendered.fullname}-gateway")["spec"]["template"]["spec"]["containers"]
+    script = tmp_path / "gateway.sh"
+    script.write_text(container["args"][0])
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

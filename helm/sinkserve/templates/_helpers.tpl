@@ -68,8 +68,8 @@ sinkserve.dev/redis-client: "true"
 {{- printf "%s-head-svc" (include "sinkserve.fullname" .) }}
 {{- end }}
 
-{{- define "sinkserve.rayAddress" -}}
-{{- .Values.gateway.rayAddress | default (printf "ray://%s:10001" (include "sinkserve.rayHeadService" .)) }}
+{{- define "sinkserve.rayHeadAddress" -}}
+{{- .Values.gateway.rayHeadAddress | default (printf "%s:6379" (include "sinkserve.rayHeadService" .)) }}
 {{- end }}
 
 {{/* Redis: where it is, and which Secret holds its password. */}}

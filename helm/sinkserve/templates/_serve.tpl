@@ -33,10 +33,12 @@ The Redis password is not in here: the pods get it as SINKSERVE_REDIS__PASSWORD 
 {{- end }}
 {{- $_ := set $d "ray_actor_options" (dict "num_cpus" $r.numCpus "num_gpus" $r.numGpus) }}
 {{- if gt (int $r.tensorParallel) 1 }}
-{{- /* Bundle 0 holds the replica actor (and shard 0); every other shard gets its own bundle. */}}
-{{- $bundles := list (dict "CPU" $r.numCpus "GPU" $r.numGpus) }}
-{{- range $i := untilStep 1 (int $r.tensorParallel) 1 }}
-{{- $bundles = append $bundles (dict "CPU" 1 "GPU" $r.numGpus) }}
+{{- /* One bundle per shard, packed on one node; the replica actor itself lives in bundle 0. */}}
+{{- $shard := dict "CPU" $r.numCpus }}
+{{- if gt (float64 $r.numGpus) 0.0 }}{{ $_ := set $shard "GPU" $r.numGpus }}{{ end }}
+{{- $bundles := list }}
+{{- range $i := until (int $r.tensorParallel) }}
+{{- $bundles = append $bundles (deepCopy $shard) }}
 {{- end }}
 {{- $_ := set $d "placement_group_bundles" $bundles }}
 {{- $_ := set $d "placement_group_strategy" $r.placementGroupStrategy }}
