@@ -1,0 +1,383 @@
+"""Serving commands of the `sinkserve` CLI: up, gateway, tenant, chat.
+
+`tenant` and `chat` load neither torch nor Ray; `up` and `gateway` import Ray when they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from sinkserve.client import DEFAULT_ADDRESS, load_defaults, save_defaults
+
+tenant_app = typer.Typer(help="Tenants and their API keys (in the stack's Redis).", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(**sections):
+    from pydantic import ValidationError
+
+    from sinkserve.config import Settings
+
+    try:
+        return Settings(**{k: v for k, v in sections.items() if v})
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+
+
+def _redis_url(flag: Optional[str]) -> str:
+    # Flag, then the environment (SINKSERVE_REDIS__URL), then what `sinkserve up` saved, then the default.
+    return flag or os.environ.get("SINKSERVE_REDIS__URL") or load_defaults().get("redis_url") or "redis://127.0.0.1:6379/0"
+
+
+# ---------------------------------------------------------------------------------------------- up
+def up(
+    replicas: int = typer.Option(1, "--replicas", "-n", min=1, help="model replicas (Ray Serve)"),
+    port: int = typer.Option(50051, help="gateway port on 127.0.0.1 (0 = any free port)"),
+    model: Optional[str] = typer.Option(None, help="bundled model name or checkpoint directory"),
+    window: Optional[int] = typer.Option(None, help="recent KV entries per session (the token being processed included)"),
+    sinks: Optional[int] = typer.Option(None, help="attention-sink entries per session"),
+    max_sessions: Optional[int] = typer.Option(None, help="KV slots per replica"),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs the local Ray may use (default: all)"),
+    replica_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per replica"),
+    redis_url: Optional[str] = typer.Option(
+        None, help="use this Redis instead of starting one (default: start redis-server on a free port)"
+    ),
+) -> None:
+    """Start the whole stack on 127.0.0.1: redis-server, local Ray, the Serve app, the gRPC gateway."""
+    # SIGTERM shuts down like Ctrl-C: everything this command started is stopped, nothing else.
+    signal.signal(signal.SIGTERM, _interrupt)
+    from sinkserve.gateway.main import serve_forever
+    from sinkserve.replica.local import deploy, start_local_ray
+    from sinkserve.router.redis_server import RedisServer
+
+    engine = {k: v for k, v in dict(model=model, window=window, sinks=sinks, max_sessions=max_sessions).items() if v}
+    replica = {"num_replicas": replicas, **({"num_cpus": replica_cpus} if replica_cpus is not None else {})}
+    base = _settings()
+    settings = _settings(
+        engine={**base.engine.model_dump(), **engine},
+        replica={**base.replica.model_dump(), **replica},
+        gateway={**base.gateway.model_dump(), "host": "127.0.0.1", "port": port},
+        ray={**base.ray.model_dump(), "address": None, "host": "127.0.0.1"},
+        redis={**base.redis.model_dump(), **({"url": redis_url} if redis_url else {})},
+    )
+    redis_server = None
+    ray_started = False
+    try:
+        if not redis_url:
+            redis_server = RedisServer(host="127.0.0.1").start()
+            settings.redis.url = redis_server.url
+            typer.echo(f"redis-server  {redis_server.url} (pid {redis_server.process.pid})")
+        typer.echo("starting Ray (127.0.0.1, token auth) ...")
+        start_local_ray(settings, num_cpus=num_cpus)
+        ray_started = True
+        typer.echo(f"deploying {replicas} replica(s) of {settings.engine.model} ...")
+        deploy(settings)
+        typer.echo("starting the gateway ...")
+        asyncio.run(_serve(settings, serve_forever))
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError, OSError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    finally:
+        typer.echo("shutting down ...")
+        if ray_started:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if redis_server is not None:
+            redis_server.stop()
+        typer.echo("stopped.")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+async def _serve(settings, serve_forever) -> None:
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve_forever(settings, ready))
+    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # failed before it listened
+        return
+    gateway_port = ready.result()
+    address = f"127.0.0.1:{gateway_port}"
+    saved = save_defaults(address=address, redis_url=settings.redis.url)
+    typer.secho(f"\nsinkserve is up: gRPC gateway on {address}", fg=typer.colors.GREEN)
+    typer.echo(
+        "In another terminal:\n"
+        "  sinkserve tenant create demo      # prints an API key and saves it as the default\n"
+        "  sinkserve chat                    # streams a conversation through the gateway\n"
+        f"(address and Redis saved to {saved}; override with --address/--api-key or SINKSERVE_ADDRESS/"
+        "SINKSERVE_API_KEY)\nCtrl-C stops everything."
+    )
+    await task
+
+
+# ---------------------------------------------------------------------------------------------- gateway
+def gateway(
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: RayConfig/auto)"),
+    host: Optional[str] = typer.Option(None, help="bind address (default: SINKSERVE_GATEWAY__HOST)"),
+    port: Optional[int] = typer.Option(None, help="port (default: SINKSERVE_GATEWAY__PORT)"),
+) -> None:
+    """Run only the gRPC gateway, joining an existing Ray cluster and Redis (config from SINKSERVE_* env)."""
+    from sinkserve.gateway.main import run
+
+    base = _settings()
+    settings = _settings(
+        engine=base.engine.model_dump(),
+        replica=base.replica.model_dump(),
+        router=base.router.model_dump(),
+        redis=base.redis.model_dump(),
+        limits=base.limits.model_dump(),
+        gateway={**base.gateway.model_dump(), **({"host": host} if host else {}), **({"port": port} if port is not None else {})},
+        ray={**base.ray.model_dump(), **({"address": ray_address} if ray_address else {})},
+    )
+    if settings.redis.password is None and base.redis.password is not None:
+        settings.redis.password = base.redis.password
+    try:
+        run(settings)
+    except KeyboardInterrupt:
+        pass
+    except ConnectionError as err:
+        _fail(f"cannot reach the Ray cluster: {err}", 1)
+
+
+# ---------------------------------------------------------------------------------------------- tenant
+def _tenant_store(redis_url: Optional[str]):
+    from sinkserve.config import RedisConfig
+    from sinkserve.gateway.tenants import TenantStore
+    from sinkserve.router.registry import Registry
+
+    base = _settings()
+    cfg = RedisConfig(**{**base.redis.model_dump(), "url": _redis_url(redis_url)})
+    if base.redis.password is not None:
+        cfg.password = base.redis.password
+    registry = Registry.from_config(cfg)
+    return registry, TenantStore(registry.redis, cfg.key_prefix, base.limits)
+
+
+def _run_redis(coro_factory, redis_url: Optional[str]):
+    from redis import exceptions as redis_exc
+
+    async def main():
+        registry, store = _tenant_store(redis_url)
+        try:
+            return await coro_factory(registry, store)
+        finally:
+            await registry.close()
+
+    try:
+        return asyncio.run(main())
+    except (redis_exc.ConnectionError, redis_exc.TimeoutError) as err:
+        _fail(f"cannot reach Redis at {_redis_url(redis_url)}: {err} (is `sinkserve up` running?)", 1)
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str = typer.Argument(..., help="tenant name (a-z, 0-9, '_', '.', '-')"),
+    max_sessions: Optional[int] = typer.Option(None, min=1, help="live sessions allowed (default: limits config)"),
+    tokens_per_minute: Optional[int] = typer.Option(None, min=1, help="tokens per minute (default: limits config)"),
+    save: bool = typer.Option(True, help="save the key as `sinkserve chat`'s default"),
+    redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: env, then what `up` saved)"),
+) -> None:
+    """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    from sinkserve.gateway.tenants import TenantError
+
+    async def create(registry, store):
+        try:
+            return await store.create(name, max_sessions, tokens_per_minute)
+        except TenantError as err:
+            _fail(str(err))
+
+    tenant, api_key = _run_redis(create, redis_url)
+    typer.echo(api_key)
+    typer.secho(
+        f"tenant {tenant.name}: max {tenant.max_sessions} sessions, {tenant.tokens_per_minute} tokens/min",
+        fg=typer.colors.BRIGHT_BLACK,
+        err=True,
+    )
+    if save:
+        path = save_defaults(api_key=api_key)
+        typer.secho(f"saved as the default key in {path}", fg=typer.colors.BRIGHT_BLACK, err=True)
+
+
+@tenant_app.command("add-key")
+def tenant_add_key(
+    name: str = typer.Argument(...),
+    redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: env, then what `up` saved)"),
+) -> None:
+    """Issue another API key for an existing tenant."""
+    from sinkserve.gateway.tenants import TenantError
+
+    async def add(registry, store):
+        try:
+            return await store.add_key(name)
+        except TenantError as err:
+            _fail(str(err))
+
+    typer.echo(_run_redis(add, redis_url))
+
+
+@tenant_app.command("list")
+def tenant_list(redis_url: Optional[str] = typer.Option(None, help="Redis URL")) -> None:
+    """List tenants with their quotas and live sessions."""
+
+    async def rows(registry, store):
+        return [(t, await registry.count_sessions(t.name)) for t in await store.list()]
+
+    result = _run_redis(rows, redis_url)
+    if not result:
+        typer.echo("no tenants")
+        return
+    typer.echo(f"{'tenant':<24} {'sessions':>8} {'max':>8} {'tokens/min':>11}")
+    for tenant, live in result:
+        typer.echo(f"{tenant.name:<24} {live:>8} {tenant.max_sessions:>8} {tenant.tokens_per_minute:>11}")
+
+
+@tenant_app.command("delete")
+def tenant_delete(
+    name: str = typer.Argument(...),
+    yes: bool = typer.Option(False, "--yes", help="also delete the tenant's sessions without asking"),
+    redis_url: Optional[str] = typer.Option(None, help="Redis URL"),
+) -> None:
+    """Delete a tenant, its keys and its sessions' records (replicas drop their caches at the next lease check)."""
+
+    async def delete(registry, store):
+        if await store.get(name) is None:
+            _fail(f"no tenant {name!r}")
+        live = await registry.count_sessions(name)
+        if live and not yes:
+            _fail(f"tenant {name!r} has {live} live sessions; pass --yes to delete them too")
+        while True:
+            ids, _ = await registry.list_sessions(name, 500)
+            if not ids:
+                break
+            for sid in ids:
+                await registry.delete_session(sid, name)
+        await store.delete(name)
+        return live
+
+    live = _run_redis(delete, redis_url)
+    typer.echo(f"deleted tenant {name} ({live} sessions)")
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def chat(
+    address: Optional[str] = typer.Option(None, envvar="SINKSERVE_ADDRESS", help="gateway host:port"),
+    api_key: Optional[str] = typer.Option(None, envvar="SINKSERVE_API_KEY", help="tenant API key"),
+    session: Optional[str] = typer.Option(None, help="resume this session instead of creating one"),
+    system: str = typer.Option("", help="system prompt of a new session"),
+    max_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.7, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    repetition_penalty: float = typer.Option(1.1, min=0.0),
+) -> None:
+    """Chat in the terminal; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D quits.
+
+    Commands: /info (session state), /new (fresh session), /quit.
+    """
+    import grpc
+
+    from sinkserve.client import SinkServeClient, generation_settings
+
+    saved = load_defaults()
+    address = address or saved.get("address") or DEFAULT_ADDRESS
+    api_key = api_key or saved.get("api_key")
+    if not api_key:
+        _fail("no API key: pass --api-key, set SINKSERVE_API_KEY, or run `sinkserve tenant create NAME` first")
+    settings = generation_settings(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty
+    )
+    client = SinkServeClient(address, api_key)
+
+    def call(fn, *args):
+        try:
+            return fn(*args)
+        except grpc.RpcError as err:
+            _fail(f"{err.code().name}: {err.details()}", 1)
+
+    if session:
+        current = call(client.get_session, session)
+    else:
+        current = call(client.create_session, system, settings)
+    typer.secho(
+        f"session {current.session_id} on replica {current.owner_replica or '-'} "
+        f"(cache {current.cache_capacity} entries). Ctrl-C stops a reply, Ctrl-D quits, /info, /new.",
+        fg=typer.colors.BRIGHT_BLACK,
+    )
+    while True:
+        try:
+            text = input("\nyou> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            break
+        text = text.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/info":
+            info = call(client.get_session, current.session_id)
+            typer.echo(
+                f"turns {info.turns}, tokens seen {info.tokens_seen}, cache {info.cache_entries}/{info.cache_capacity}, "
+                f"replica {info.owner_replica}"
+            )
+            continue
+        if text == "/new":
+            current = call(client.create_session, system, settings)
+            typer.echo(f"new session {current.session_id}")
+            continue
+        stream = client.send_message(current.session_id, text)
+        sys.stdout.write("bot> ")
+        try:
+            for event in stream:
+                if event.HasField("delta"):
+                    sys.stdout.write(event.delta.text)
+                    sys.stdout.flush()
+                else:
+                    done = event.finished
+                    typer.secho(
+                        f"\n[{pb_reason(done.finish_reason)}; {done.usage.completion_tokens} tokens; "
+                        f"turn {done.turn}; cache {done.cache_entries}]",
+                        fg=typer.colors.BRIGHT_BLACK,
+                    )
+        except KeyboardInterrupt:
+            stream.cancel()
+            typer.secho("\n[stopped]", fg=typer.colors.YELLOW)
+            time.sleep(0.2)  # let the gateway record the partial reply before the next turn
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                continue
+            typer.secho(f"\nerror: {err.code().name}: {err.details()}", fg=typer.colors.RED, err=True)
+    client.close()
+
+
+def pb_reason(value: int) -> str:
+    from sinkserve.v1 import sinkserve_pb2 as pb
+
+    return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=up.__doc__)(up)
+    app.command(help=gateway.__doc__)(gateway)
+    app.command(help=chat.__doc__)(chat)
+    app.add_typer(tenant_app, name="tenant")
+
