@@ -247,7 +247,7 @@ def test_only_gateway_and_ray_pods_may_reach_redis(renders):
 
 
 def test_notes_tell_how_to_create_a_tenant_and_connect(rendered):
-    assert f"kubectl -n llm exec deploy/{rendered.fullname}-gateway -- sinkserve tenant create NAME" in rendered.notes
+    assert f"kubectl -n llm exec deploy/{rendered.fullname}-gateway -- sinkserve tenant create NAME --no-save" in rendered.notes
     assert "authorization: Bearer" in rendered.notes
 
 
