@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator
 
 from sinkserve.replica import DEPLOYMENT_NAME
@@ -24,8 +25,25 @@ from sinkserve.replica.errors import (
 
 logger = logging.getLogger("sinkserve.gateway")
 
-RETRIES = 4
-RETRY_BACKOFF_S = 0.25
+# A replica that just died stays in the handle's replica list until Serve notices; keep re-sending for this
+# long (backing off) before answering UNAVAILABLE.
+RETRY_BUDGET_S = 20.0
+RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+
+
+class _Retry:
+    def __init__(self, budget_s: float = RETRY_BUDGET_S):
+        self.deadline = time.monotonic() + budget_s
+        self.attempt = 0
+
+    async def wait(self) -> bool:
+        """Sleep before the next attempt; False once the budget is spent."""
+        delay = RETRY_BACKOFF_S[min(self.attempt, len(RETRY_BACKOFF_S) - 1)]
+        self.attempt += 1
+        if time.monotonic() + delay > self.deadline:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 def to_replica_error(err: BaseException) -> ReplicaError:
@@ -62,32 +80,36 @@ def _retryable(err: ReplicaError) -> bool:
 class ServeBackend:
     """Thin async wrapper over the replica deployment's handle."""
 
-    def __init__(self, handle: Any, call_timeout_s: float = 60.0):
+    def __init__(self, handle: Any, call_timeout_s: float = 60.0, retry_budget_s: float = RETRY_BUDGET_S):
         self.handle = handle
+        # Bounds a unary call and the wait for a turn's first event: with no replica running (app not
+        # deployed yet, cluster down) a handle call would wait forever.
         self.call_timeout_s = call_timeout_s
+        self.retry_budget_s = retry_budget_s
 
     @classmethod
-    def connect(cls, app_name: str) -> "ServeBackend":
+    def connect(cls, app_name: str, **kwargs: Any) -> "ServeBackend":
         from ray import serve
 
-        return cls(serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name))
+        # No existence check: a gateway may start before the app is deployed (Kubernetes); calls made
+        # before any replica runs answer UNAVAILABLE.
+        return cls(serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name, _check_exists=False), **kwargs)
 
     async def _unary(self, method: str, **kwargs: Any) -> Any:
-        last: ReplicaError | None = None
-        for attempt in range(RETRIES):
+        retry = _Retry(self.retry_budget_s)
+        while True:
             try:
                 response = getattr(self.handle, method).remote(**kwargs)
                 return await asyncio.wait_for(response, self.call_timeout_s)
             except asyncio.CancelledError:
                 raise
             except BaseException as err:  # noqa: BLE001 - every Ray failure maps to a status
-                last = to_replica_error(err)
-                if not _retryable(last):
-                    raise last from None
-                logger.info("%s(%s) attempt %d: %s", method, kwargs.get("session_id"), attempt + 1, last)
-                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-        assert last is not None
-        raise ReplicaError(UNAVAILABLE, last.message) from None
+                failure = to_replica_error(err)
+                if not _retryable(failure):
+                    raise failure from None
+                logger.info("%s(%s) attempt %d: %s", method, kwargs.get("session_id"), retry.attempt + 1, failure)
+                if not await retry.wait():
+                    raise ReplicaError(UNAVAILABLE, failure.message) from None
 
     async def create(self, session_id: str) -> dict:
         return await self._unary("create", session_id=session_id)
@@ -103,26 +125,29 @@ class ServeBackend:
     ) -> AsyncIterator[dict]:
         """Stream one turn's events. Cancelling the consumer cancels the replica's generator (it aborts the turn)."""
         streaming = self.handle.options(stream=True)
-        last: ReplicaError | None = None
-        for attempt in range(RETRIES):
+        retry = _Retry(self.retry_budget_s)
+        while True:
             generator = streaming.chat.remote(
                 session_id=session_id, text=text, params=params, deadline_unix=deadline_unix
             )
             produced = False
             try:
-                async for event in generator:
+                while True:
+                    next_event = generator.__anext__()
+                    try:
+                        event = await (next_event if produced else asyncio.wait_for(next_event, self.call_timeout_s))
+                    except StopAsyncIteration:
+                        return
                     produced = True
                     yield event
-                return
             except (asyncio.CancelledError, GeneratorExit):
                 generator.cancel()
                 raise
             except BaseException as err:  # noqa: BLE001
                 generator.cancel()
-                last = to_replica_error(err)
-                if produced or not _retryable(last):
-                    raise last from None
-                logger.info("chat(%s) attempt %d: %s", session_id, attempt + 1, last)
-                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-        assert last is not None
-        raise ReplicaError(UNAVAILABLE, last.message) from None
+                failure = to_replica_error(err)
+                if produced or not _retryable(failure):
+                    raise failure from None
+                logger.info("chat(%s) attempt %d: %s", session_id, retry.attempt + 1, failure)
+                if not await retry.wait():
+                    raise ReplicaError(UNAVAILABLE, failure.message) from None

@@ -1,0 +1,348 @@
+"""The serving path end to end: real redis-server, real local Ray (2 replicas), real gRPC, tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from sinkserve.client import generation_settings
+from sinkserve.v1 import sinkserve_pb2 as pb
+
+from .conftest import REPLICAS, SINKS, WINDOW, start_gateway_process, stop_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
+
+CAPACITY = SINKS + WINDOW
+
+
+def transcript_entries(stack, session_id: str) -> int:
+    return stack.registry_call("transcript_len", session_id)
+
+
+def test_long_conversation_stays_on_one_replica_at_constant_cache(stack, client_factory):
+    client = client_factory(stack.tenant("longchat"))
+    session = client.create_session(system_prompt="You are a patient listener.")
+    assert session.owner_replica
+    assert session.cache_capacity == CAPACITY
+    replicas, total_tokens = set(), 0
+    turns = 52
+    for i in range(turns):
+        text, final = client.chat(session.session_id, f"Turn {i}: tell me more about the sea.", max_tokens=12)
+        assert text, f"turn {i} produced no text"
+        assert final.turn == i + 1
+        assert final.usage.completion_tokens >= 1
+        total_tokens += final.usage.total_tokens
+        replicas.add(final.replica)
+        if total_tokens > CAPACITY:
+            assert final.cache_entries == CAPACITY  # full, never more
+    info = client.get_session(session.session_id)
+    assert total_tokens > 10 * CAPACITY
+    assert replicas == {session.owner_replica} == {info.owner_replica}
+    assert info.turns == turns
+    assert info.cache_entries == CAPACITY
+    transcript = stack.registry_call("transcript", session.session_id)
+    assert len(transcript) == turns
+    assert info.tokens_seen == sum(len(entry) for entry in transcript) > 10 * CAPACITY
+
+
+def test_sessions_spread_over_replicas_and_stick_even_through_a_second_gateway(stack, client_factory):
+    key = stack.tenant("spread")
+    client = client_factory(key)
+    sessions = [client.create_session() for _ in range(20)]
+    owners = {s.session_id: s.owner_replica for s in sessions}
+    assert len(set(owners.values())) == REPLICAS, f"sessions not spread: {owners}"
+    counts = sorted(list(owners.values()).count(r) for r in set(owners.values()))
+    assert counts[0] >= 5, f"bounded load not honoured: {counts}"
+    for s in sessions:
+        _, final = client.chat(s.session_id, "hello", max_tokens=4)
+        assert final.replica == owners[s.session_id]
+
+    process, address = start_gateway_process(stack)
+    try:
+        other = client_factory(key, address)
+        for s in sessions:
+            _, final = other.chat(s.session_id, "hello again", max_tokens=4)
+            assert final.replica == owners[s.session_id], "the second gateway routed a session elsewhere"
+            assert final.turn == 2
+    finally:
+        stop_process(process)
+
+
+def _replica_actor(replica_id: str):
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::") and actor["name"].endswith(f"#{replica_id}"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise LookupError(f"no actor for replica {replica_id}")
+
+
+def _wait_replicas_running(stack, timeout_s: float = 180) -> None:
+    from ray import serve
+
+    from sinkserve.replica import DEPLOYMENT_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(stack.settings.ray.app_name)
+        deployment = app.deployments.get(DEPLOYMENT_NAME) if app else None
+        if deployment and deployment.status == "HEALTHY" and deployment.replica_states.get("RUNNING") == REPLICAS:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("replicas did not come back")
+
+
+def test_owner_killed_next_turn_succeeds_elsewhere_with_transcript_intact(stack, client_factory):
+    import ray
+
+    client = client_factory(stack.tenant("failover"))
+    session = client.create_session(system_prompt="Remember everything.")
+    for i in range(3):
+        client.chat(session.session_id, f"fact {i}: the sky is blue", max_tokens=8)
+    before = client.get_session(session.session_id)
+    transcript_before = stack.registry_call("transcript", session.session_id)
+    assert len(transcript_before) == 3
+
+    ray.kill(_replica_actor(before.owner_replica), no_restart=True)
+    try:
+        text, final = client.chat(session.session_id, "what did I tell you?", max_tokens=8)
+        assert text
+        assert final.replica != before.owner_replica
+        assert final.turn == 4
+        after = client.get_session(session.session_id)
+        assert after.owner_replica == final.replica
+        assert after.turns == 4
+        transcript_after = stack.registry_call("transcript", session.session_id)
+        assert transcript_after[:3] == transcript_before  # nothing lost or rewritten
+        assert len(transcript_after) == 4
+        # Rebuilt from the transcript: the new owner's cache holds what the old one did (sinks + window).
+        assert after.cache_entries == min(CAPACITY, after.tokens_seen)
+        _, again = client.chat(session.session_id, "and now?", max_tokens=4)
+        assert again.replica == final.replica
+    finally:
+        _wait_replicas_running(stack)
+
+
+def test_tenants_are_isolated(stack, client_factory):
+    alice = client_factory(stack.tenant("alice"))
+    bob = client_factory(stack.tenant("bob"))
+    session = alice.create_session()
+    alice.chat(session.session_id, "secret", max_tokens=4)
+    for call in (
+        lambda: bob.get_session(session.session_id),
+        lambda: bob.chat(session.session_id, "let me in", max_tokens=4),
+        lambda: bob.delete_session(session.session_id),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [s.session_id for s in bob.list_sessions().sessions] == []
+    assert [s.session_id for s in alice.list_sessions().sessions] == [session.session_id]
+    assert alice.get_session(session.session_id).turns == 1
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("authorization", "Bearer sk-ss-not-a-key"),), (("authorization", "Basic abc"),), (("authorization", "Bearer "),)],
+)
+def test_bad_keys_are_unauthenticated(stack, metadata):
+    from sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = pb_grpc.SinkServeStub(channel)
+        for call, request in (
+            (stub.CreateSession, pb.CreateSessionRequest()),
+            (stub.ListSessions, pb.ListSessionsRequest()),
+            (stub.GetSession, pb.GetSessionRequest(session_id="x")),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, metadata=metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.SendMessage(pb.SendMessageRequest(session_id="x", text="hi"), metadata=metadata, timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(stack, client_factory):
+    client = client_factory(stack.tenant("badinput"))
+    session = client.create_session()
+    client.chat(session.session_id, "hi", max_tokens=4)
+    sid = session.session_id
+    limit = stack.settings.gateway.max_message_bytes
+    cases = {
+        "empty text": ("   ", None),
+        "oversized text": ("x" * (limit + 1), None),
+        "max_tokens over the limit": ("hi", generation_settings(max_tokens=stack.settings.gateway.max_new_tokens + 1)),
+        "max_tokens zero": ("hi", generation_settings(max_tokens=0)),
+        "top_p zero": ("hi", generation_settings(top_p=0.0)),
+        "negative temperature": ("hi", generation_settings(temperature=-1.0)),
+        "zero repetition penalty": ("hi", generation_settings(repetition_penalty=0.0)),
+        "empty stop string": ("hi", generation_settings(stop=[""])),
+    }
+    for name, (text, settings) in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.send_message(sid, text, settings))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert err.value.details(), name
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.send_message("no-such-session", "hi"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.send_message("", "hi"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_session(system_prompt="y" * (limit + 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_session(settings=generation_settings(top_p=2.0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.list_sessions(page_token="garbage")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.list_sessions(page_size=100_000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    info = client.get_session(sid)
+    assert info.turns == 1 and not info.busy
+    assert transcript_entries(stack, sid) == 1
+    assert [s.session_id for s in client.list_sessions().sessions] == [sid]  # the bad creates left nothing
+    _, final = client.chat(sid, "still fine?", max_tokens=4)
+    assert final.turn == 2
+
+
+def test_tenant_quotas(stack, client_factory):
+    client = client_factory(stack.tenant("quota", max_sessions=2, tokens_per_minute=30))
+    first = client.create_session()
+    client.create_session()
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_session()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(client.list_sessions().sessions) == 2
+    client.chat(first.session_id, "use up the budget please", max_tokens=32)
+    with pytest.raises(grpc.RpcError) as err:
+        client.chat(first.session_id, "one more", max_tokens=4)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.get_session(first.session_id).turns == 1
+    client.delete_session(first.session_id)
+    client.create_session()  # deleting freed a live-session slot
+
+
+def _first_delta(stream) -> str:
+    for event in stream:
+        if event.HasField("delta") and event.delta.text:
+            return event.delta.text
+    raise AssertionError("stream ended before any text")
+
+
+def test_second_concurrent_message_is_aborted_and_client_cancel_stops_generation(stack, client_factory):
+    client = client_factory(stack.tenant("concurrent"))
+    session = client.create_session()
+    sid = session.session_id
+    long_turn = generation_settings(max_tokens=2000)
+    stream = client.send_message(sid, "write a very long story", long_turn)
+    _first_delta(stream)
+    with pytest.raises(grpc.RpcError) as err:
+        client.chat(sid, "are you there?", max_tokens=4)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    stream.cancel()
+
+    # The turn stops and is recorded consistently (the partial reply is in the transcript), never twice.
+    deadline = time.monotonic() + 30
+    while client.get_session(sid).busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = client.get_session(sid)
+    assert not info.busy
+    assert info.turns == 1 and transcript_entries(stack, sid) == 1
+    seen = info.tokens_seen
+    time.sleep(0.5)
+    assert client.get_session(sid).tokens_seen == seen, "generation went on after the client hung up"
+    recorded = sum(len(e) for e in stack.registry_call("transcript", sid))
+    assert recorded < 2000 + 100  # aborted early: far from the 2000 tokens asked for
+    _, final = client.chat(sid, "short one", max_tokens=4)
+    assert final.turn == 2
+
+
+def test_deadline_stops_the_turn(stack, client_factory):
+    client = client_factory(stack.tenant("deadline"))
+    sid = client.create_session().session_id
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in client.send_message(sid, "go on forever", generation_settings(max_tokens=2000), timeout=1.0):
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while client.get_session(sid).busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = client.get_session(sid)
+    assert not info.busy and info.turns == transcript_entries(stack, sid)
+    _, final = client.chat(sid, "quick", max_tokens=4)
+    assert final.turn == info.turns + 1
+
+
+def test_list_pagination_and_delete(stack, client_factory):
+    client = client_factory(stack.tenant("pages"))
+    created = [client.create_session().session_id for _ in range(5)]
+    seen, token = [], ""
+    while True:
+        page = client.list_sessions(page_size=2, page_token=token)
+        assert len(page.sessions) <= 2
+        seen += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == created
+    client.delete_session(created[0])
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_session(created[0])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete_session(created[0])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [s.session_id for s in client.list_sessions().sessions] == created[1:]
+
+
+def test_health_and_reflection(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(stack.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "sinkserve.v1.SinkServe"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"sinkserve.v1.SinkServe", "grpc.health.v1.Health"} <= names
+
+
+def test_redis_or_ray_down_is_unavailable_and_leaves_nothing_behind(stack, client_factory, tiny_checkpoint):
+    from sinkserve.gateway.backend import ServeBackend
+    from sinkserve.gateway.server import Gateway
+    from sinkserve.router.redis_server import free_port
+
+    from .conftest import stack_settings
+
+    key = stack.tenant("outage")
+    # A gateway whose Redis is gone.
+    no_redis = stack_settings(tiny_checkpoint, f"redis://127.0.0.1:{free_port()}/0")
+    no_redis.redis.socket_timeout_s = 1
+    # A gateway whose Serve app does not exist (Ray side unavailable), on the real Redis.
+    no_ray = stack_settings(tiny_checkpoint, stack.settings.redis.url)
+    no_ray.ray.app_name = "no-such-app"
+    for settings, code_for in ((no_redis, "redis"), (no_ray, "ray")):
+        backend = ServeBackend.connect(settings.ray.app_name, call_timeout_s=3, retry_budget_s=1)
+        gateway = Gateway(settings, backend)
+        port = stack.loop.run(gateway.start())
+        try:
+            client = client_factory(key, f"127.0.0.1:{port}")
+            with pytest.raises(grpc.RpcError) as err:
+                client.create_session(timeout=90)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, code_for
+        finally:
+            stack.loop.run(gateway.stop(grace_s=0))
+    healthy = client_factory(key)
+    assert list(healthy.list_sessions().sessions) == []  # the failed create left no session behind
