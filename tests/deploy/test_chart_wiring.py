@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from pydantic import BaseModel
 
-from deploy_kit import all_pod_templates, env_of, pod_templates, selector_matches
+from deploy_kit import all_pod_templates, env_of, pod_templates, render, selector_matches
 from sinkserve.config import Settings
 
 # Kubernetes resource.Quantity syntax (the pattern the KubeRay CRD carries).
@@ -226,7 +226,7 @@ def test_bundled_redis_persists_with_aof_and_a_password(renders):
 def test_external_redis_deploys_no_redis_of_its_own(renders):
     rendered = renders["external-redis"]
     assert not rendered.of_kind("StatefulSet")
-    assert not rendered.of_kind("Secret")
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == [f"{rendered.fullname}-ray-auth"]
     assert not rendered.of_kind("NetworkPolicy")
     (app,) = rendered.serve_config["applications"]
     assert app["args"]["redis"]["url"] == "rediss://sinkserve.abc123.cache.example.internal:6380/2"
@@ -267,3 +267,25 @@ def test_gateway_start_script_is_valid_bash(renders, tmp_path):
     script.write_text(container["args"][0])
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_ray_token_auth_reaches_kuberay_and_the_gateway(rendered):
+    cluster = rendered.one("RayService")["spec"]["rayClusterConfig"]
+    secret_name = f"{rendered.fullname}-ray-auth"
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret_name}
+    # KubeRay expects the token under auth_token.
+    assert base64.b64decode(rendered.named("Secret", secret_name)["data"]["auth_token"])
+    (container,) = rendered.named("Deployment", f"{rendered.fullname}-gateway")["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "auth_token"}
+
+
+def test_ray_auth_can_use_an_existing_secret_or_be_off(chart):
+    existing = render(chart, {"ray": {"auth": {"existingSecret": "team-ray-token"}}})
+    assert existing.one("RayService")["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "team-ray-token"
+    assert not [s for s in existing.of_kind("Secret") if s["metadata"]["name"].endswith("-ray-auth")]
+    off = render(chart, {"ray": {"auth": {"enabled": False}}})
+    assert "authOptions" not in off.one("RayService")["spec"]["rayClusterConfig"]
+    (container,) = off.named("Deployment", f"{off.fullname}-gateway")["spec"]["template"]["spec"]["containers"]
+    assert "RAY_AUTH_TOKEN" not in env_of(container)

@@ -97,6 +97,10 @@ sinkserve.dev/redis-client: "true"
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "sinkserve.fullname" .)) }}
 {{- end }}
 
+{{- define "sinkserve.rayAuthSecretName" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-auth" (include "sinkserve.fullname" .)) }}
+{{- end }}
+
 {{/* Env every Redis client of ours gets: URL, key prefix, and the password from the Secret. */}}
 {{- define "sinkserve.redisEnv" -}}
 - name: SINKSERVE_REDIS__URL
