@@ -23,6 +23,7 @@ BAD_VALUES = {
     "string where a number goes": ({"engine": {"slotsPerReplica": "lots"}}, "/engine/slotsPerReplica"),
     "tensor parallel 0": ({"replica": {"tensorParallel": 0}}, "/replica/tensorParallel"),
     "negative gpus": ({"replica": {"numGpus": -1}}, "/replica/numGpus"),
+    "replica without cpus": ({"replica": {"numCpus": 0}}, "/replica/numCpus"),
     "load factor below 1": ({"router": {"loadFactor": 0.5}}, "/router/loadFactor"),
     "privileged gateway port": ({"gateway": {"port": 80}}, "/gateway/port"),
     "no worker groups": ({"ray": {"workerGroups": []}}, "/ray/workerGroups"),
