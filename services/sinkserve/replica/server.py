@@ -262,11 +262,18 @@ class SinkServeReplica:
             if epoch < 0:
                 raise ReplicaError(NOT_FOUND, f"session {sid} not found")
             if owner != self.replica_id:
+                await self._disown(sid)
                 raise ReplicaError(NOT_OWNER, f"session {sid} is owned by {owner}")
         else:
+            await self._disown(sid)
             raise ReplicaError(NOT_OWNER, f"session {sid} is owned by {record.owner}")
         self.owned[sid] = epoch
         return epoch
+
+    async def _disown(self, session_id: str) -> None:
+        """The session moved to another replica: our copy of its cache must never serve again."""
+        self.owned.pop(session_id, None)
+        await self._drop(session_id)
 
     async def _ensure_resident(self, record: SessionRecord, epoch: int) -> None:
         sid = record.session_id

@@ -1,0 +1,176 @@
+"""Session registry fencing, bounded-load placement, the replica's loop and health (real Redis, tiny model, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sinkserve.config import RedisConfig, Settings
+from sinkserve.replica.errors import NOT_OWNER, ReplicaError
+from sinkserve.router.registry import Fenced, LoadReport, Registry, SessionGone, TenantSessionLimit
+from sinkserve.router.request_router import pick_replica
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def registry(redis_server, request):
+    reg = Registry.from_config(RedisConfig(url=redis_server.url, key_prefix=f"unit-{request.node.name}"))
+    yield reg
+    await reg.close()
+
+
+async def test_claims_fence_the_previous_owner(registry):
+    record = await registry.create_session("acme", max_sessions=10)
+    sid = record.session_id
+    assert await registry.claim(sid, 0, "replica-a", 10_000) == (1, "replica-a")
+    assert await registry.claim(sid, 0, "replica-b", 10_000) == (1, "replica-a")  # stale epoch loses
+    assert await registry.append_transcript(sid, "replica-a", 1, [1, 2, 3], count_turn=True) == 1
+    assert await registry.claim(sid, 1, "replica-b", 10_000) == (2, "replica-b")
+    with pytest.raises(Fenced):
+        await registry.append_transcript(sid, "replica-a", 1, [4], count_turn=True)
+    assert await registry.renew("replica-a", {sid: 1}, 10_000) == {sid: 0}
+    assert await registry.renew("replica-b", {sid: 2}, 10_000) == {sid: 1}
+    assert await registry.owned_by("replica-a") == set()
+    assert await registry.owned_by("replica-b") == {sid}
+    assert await registry.transcript(sid) == [[1, 2, 3]]
+    assert (await registry.get_session(sid)).turns == 1
+
+
+async def test_release_and_delete(registry):
+    sid = (await registry.create_session("acme", max_sessions=10)).session_id
+    await registry.claim(sid, 0, "replica-a", 10_000)
+    await registry.release("replica-a", {sid: 1})
+    record = await registry.get_session(sid)
+    assert record.owner == "" and record.epoch == 1 and not await registry.lease_alive(sid)
+    await registry.claim(sid, 1, "replica-b", 10_000)
+    assert await registry.delete_session(sid, "acme")
+    with pytest.raises(SessionGone):
+        await registry.get_session(sid)
+    with pytest.raises(SessionGone):
+        await registry.append_transcript(sid, "replica-b", 2, [1], count_turn=True)
+    assert await registry.claim(sid, 2, "replica-b", 10_000) == (-1, "")
+    assert await registry.owned_by("replica-b") == set()
+    assert await registry.count_sessions("acme") == 0
+
+
+async def test_tenant_session_limit_is_atomic(registry):
+    results = await asyncio.gather(
+        *(registry.create_session("busy", max_sessions=3) for _ in range(10)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, Exception) for r in results) == 3
+    assert all(isinstance(r, TenantSessionLimit) for r in results if isinstance(r, Exception))
+
+
+def test_bounded_load_placement():
+    loads = {"a": (10, None), "b": (2, None), "c": (2, LoadReport("c", draining=True))}
+    assert pick_replica("s1", loads, 1.25) == "b"  # least loaded; draining never chosen
+    even = {"a": (5, None), "b": (5, None)}
+    picks = {pick_replica(f"s{i}", even, 1.25) for i in range(50)}
+    assert picks == {"a", "b"}  # ties spread by the session's rendezvous hash
+    assert pick_replica("s", {"a": (0, LoadReport("a", draining=True))}, 1.25) is None
+
+
+def test_serve_config_is_valid_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    from sinkserve.replica.app import build_app, deployment_options
+
+    config = yaml.safe_load((REPO / "deploy/serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app_config,) = config["applications"]
+    assert app_config["import_path"] == "sinkserve.replica.app:build_app"
+    settings = Settings.model_validate(app_config["args"])
+    assert build_app(app_config["args"]) is not None
+    gpu = Settings.model_validate({"replica": {"num_gpus": 1, "tensor_parallel": 2}})
+    options = deployment_options(gpu)
+    assert options["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    assert options["request_router_config"].request_router_kwargs["redis_url"] == gpu.redis.url
+    assert deployment_options(settings)["num_replicas"] == 2
+    with pytest.raises(Exception):
+        build_app({"engine": {"window": 0}})
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    from sinkserve.config import EngineConfig
+    from sinkserve.engine import load_engine
+
+    return load_engine(
+        EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, max_sessions=2, device="cpu", num_threads=1)
+    )
+
+
+async def _replica(redis_server, engine, prefix: str):
+    from sinkserve.replica.server import SinkServeReplica
+
+    class UnitReplica(SinkServeReplica):
+        # Serve awaits the async __del__ at graceful shutdown (the test does too); outside Serve the garbage
+        # collector would call it without awaiting.
+        def __del__(self) -> None:
+            pass
+
+    settings = Settings(redis={"url": redis_server.url, "key_prefix": prefix}, replica={"load_report_interval_s": 0.2})
+    replica = UnitReplica.__new__(UnitReplica)
+    await replica.__init__(settings, engine=engine)  # Serve awaits the async __init__ the same way
+    return replica
+
+
+async def _drain(replica, sid: str, text: str, max_tokens: int = 4) -> list[dict]:
+    return [event async for event in replica.chat(session_id=sid, text=text, params={"max_tokens": max_tokens})]
+
+
+async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny_engine):
+    replica = await _replica(redis_server, tiny_engine, "replica-unit")
+    registry = replica.registry
+    try:
+        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        for sid in sids:  # three sessions through two slots: the idle LRU one is dropped, then rebuilt
+            await replica.create(session_id=sid)
+            events = await _drain(replica, sid, "hello")
+            assert events[-1]["final"]["turn"] == 1
+        assert replica.evicted >= 1
+        events = await _drain(replica, sids[0], "again")
+        assert events[-1]["final"]["turn"] == 2 and replica.rebuilt >= 1
+
+        # Another replica claims sids[1]: this one may no longer record turns for it.
+        record = await registry.get_session(sids[1])
+        await registry.claim(sids[1], record.epoch, "someone-else", 10_000)
+        with pytest.raises(ReplicaError) as err:
+            await _drain(replica, sids[1], "mine?")
+        assert err.value.status == NOT_OWNER
+        assert await registry.transcript_len(sids[1]) == 1
+
+        await replica.check_health()
+        report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+        assert report is not None and report.max_sessions == 2
+
+        def explode():
+            raise RuntimeError("injected engine failure")
+
+        tiny_engine.step, original = (lambda: explode()), tiny_engine.step
+        try:
+            with pytest.raises(ReplicaError):
+                await _drain(replica, sids[2], "this step fails")
+            with pytest.raises(RuntimeError, match="engine loop is dead"):
+                await replica.check_health()
+        finally:
+            tiny_engine.step = original
+        # Graceful shutdown hands the sessions back so routers re-home them at once.
+        owned = dict(replica.owned)
+        assert owned
+        from sinkserve.replica.server import SinkServeReplica
+
+        await SinkServeReplica.__del__(replica)
+        for sid in owned:
+            assert (await registry.get_session(sid)).owner == ""
+        assert (await registry.loads([replica.replica_id]))[replica.replica_id] == (0, None)
+    finally:
+        replica._beat_task.cancel()
+        replica.loop.stop()
+        await registry.close()
