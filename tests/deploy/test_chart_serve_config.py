@@ -15,6 +15,7 @@ def test_serve_config_passes_ray_serve_schema(rendered):
     (app,) = config.applications
     assert app.import_path == "sinkserve.replica.app:build_app"
     assert app.name == rendered.values["serve"]["appName"]
+    assert app.route_prefix is None  # no HTTP route: clients come through the gateway
     # Ray's models ignore unknown keys; a misspelt option would silently do nothing.
     raw = rendered.serve_config
     assert set(raw) <= set(ServeDeploySchema.model_fields)

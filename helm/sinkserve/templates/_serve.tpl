@@ -47,6 +47,7 @@ The Redis password is not in here: the pods get it as SINKSERVE_REDIS__PASSWORD 
 {{- end }}
 
 {{- define "sinkserve.serveConfig" -}}
-{{- $app := dict "name" .Values.serve.appName "import_path" .Values.serve.importPath "args" (include "sinkserve.serveArgs" . | fromYaml) "deployments" (list (include "sinkserve.serveDeployment" . | fromYaml)) }}
+{{- /* route_prefix null: the app has no HTTP route (clients go through the gateway). */}}
+{{- $app := dict "name" .Values.serve.appName "import_path" .Values.serve.importPath "route_prefix" nil "args" (include "sinkserve.serveArgs" . | fromYaml) "deployments" (list (include "sinkserve.serveDeployment" . | fromYaml)) }}
 {{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app)) }}
 {{- end }}
