@@ -137,3 +137,13 @@ def test_deployment_override_is_what_the_app_itself_would_set(rendered):
     from_code.pop("request_router_config")  # configured in code only (it names a Python class)
     assert override["name"] == DEPLOYMENT_NAME
     assert override == from_code
+
+
+def test_build_app_accepts_the_rendered_args(rendered):
+    # What the Serve controller does with the config: call the builder with args (no Ray needed to bind).
+    from ray.serve import Application
+
+    from sinkserve.replica.app import build_app
+
+    (app,) = rendered.serve_config["applications"]
+    assert isinstance(build_app(app["args"]), Application)

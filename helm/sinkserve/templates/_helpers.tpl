@@ -131,6 +131,8 @@ sinkserve.dev/redis-client: "true"
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* The `ray` user of Ray's images (uid 1000, gid 100), which deploy/Dockerfile keeps. */}}
 {{- define "sinkserve.rayPodSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: 1000
