@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from deploy_kit import all_pod_templates, env_of, pod_templates
+from deploy_kit import all_pod_templates, env_of, pod_templates, render
 from sinkserve.config import BUNDLED_MODEL, Settings
 
 
@@ -147,3 +147,12 @@ def test_build_app_accepts_the_rendered_args(rendered):
 
     (app,) = rendered.serve_config["applications"]
     assert isinstance(build_app(app["args"]), Application)
+
+
+def test_optional_engine_values_reach_the_app_only_when_set(chart, renders):
+    (default_app,) = renders["gpu-default"].serve_config["applications"]
+    assert not {"seed", "num_threads", "max_context"} & set(default_app["args"]["engine"])
+    rendered = render(chart, {"engine": {"policy": "dense", "maxContext": 4096, "seed": 7, "numThreads": 3}})
+    (app,) = rendered.serve_config["applications"]
+    engine = Settings.model_validate(app["args"]).engine
+    assert (engine.policy, engine.max_context, engine.seed, engine.num_threads) == ("dense", 4096, 7, 3)

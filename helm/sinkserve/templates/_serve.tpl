@@ -8,6 +8,7 @@ The Redis password is not in here: the pods get it as SINKSERVE_REDIS__PASSWORD 
 {{- $e := .Values.engine }}
 {{- $r := .Values.replica }}
 {{- $engine := dict "model" $e.model "dtype" $e.dtype "device" $e.device "policy" $e.policy "sinks" (int $e.sinks) "window" (int $e.window) "max_sessions" (int $e.slotsPerReplica) "prefill_chunk" (int $e.prefillChunk) "max_step_tokens" (int $e.maxStepTokens) }}
+{{- if not (kindIs "invalid" $e.maxContext) }}{{ $_ := set $engine "max_context" (int $e.maxContext) }}{{ end }}
 {{- if not (kindIs "invalid" $e.seed) }}{{ $_ := set $engine "seed" (int $e.seed) }}{{ end }}
 {{- if not (kindIs "invalid" $e.numThreads) }}{{ $_ := set $engine "num_threads" (int $e.numThreads) }}{{ end }}
 {{- $replica := dict "num_replicas" (int $r.numReplicas) "num_cpus" $r.numCpus "num_gpus" $r.numGpus "tensor_parallel" (int $r.tensorParallel) "max_ongoing_requests" (int $r.maxOngoingRequests) "load_report_interval_s" $r.loadReportIntervalS "health_check_period_s" $r.healthCheckPeriodS "health_check_timeout_s" $r.healthCheckTimeoutS "graceful_shutdown_timeout_s" $r.gracefulShutdownTimeoutS }}
