@@ -346,3 +346,17 @@ def test_redis_or_ray_down_is_unavailable_and_leaves_nothing_behind(stack, clien
             stack.loop.run(gateway.stop(grace_s=0))
     healthy = client_factory(key)
     assert list(healthy.list_sessions().sessions) == []  # the failed create left no session behind
+
+
+def test_deleting_a_session_mid_turn_ends_its_stream(stack, client_factory):
+    client = client_factory(stack.tenant("midturn"))
+    sid = client.create_session().session_id
+    stream = client.send_message(sid, "a long story please", generation_settings(max_tokens=2000), timeout=120)
+    _first_delta(stream)
+    client.delete_session(sid)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stack.registry_call("transcript_len", sid) == 0
+    assert client.list_sessions().sessions == []

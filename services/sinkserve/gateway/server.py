@@ -77,6 +77,8 @@ def validate_settings(values: dict[str, Any], cfg: GatewayConfig) -> None:
         values["repetition_penalty"] > 0 and math.isfinite(values["repetition_penalty"])
     ):
         raise bad("repetition_penalty must be a finite number > 0")
+    if "seed" in values and values["seed"] >= 2**63:
+        raise bad("seed must be < 2^63")
     stops = values.get("stop", [])
     if any(not s for s in stops):
         raise bad("stop strings must be non-empty")

@@ -71,8 +71,12 @@ class EngineLoop:
         """Only from inside a ``call``: route the session's TokenOutputs to ``out_queue`` until its final one."""
         self._subscribers[session_id] = (loop, out_queue)
 
-    def unsubscribe(self, session_id: str) -> None:
-        self._subscribers.pop(session_id, None)
+    def unsubscribe(self, session_id: str, reason: BaseException | None = None) -> None:
+        """Stop routing the session's outputs; with a ``reason``, its waiting stream gets that error."""
+        entry = self._subscribers.pop(session_id, None)
+        if entry is not None and reason is not None:
+            loop, out_queue = entry
+            loop.call_soon_threadsafe(out_queue.put_nowait, reason)
 
     # ---- engine thread
     def _run(self) -> None:

@@ -177,6 +177,8 @@ class SinkServeReplica:
                     out = await asyncio.wait_for(out_queue.get(), timeout)
                 except TimeoutError:
                     raise ReplicaError(DEADLINE_EXCEEDED, "the turn ran past its deadline and was stopped") from None
+                if isinstance(out, ReplicaError):
+                    raise out
                 if isinstance(out, BaseException):
                     raise ReplicaError(UNAVAILABLE, f"replica engine failed: {out}")
                 if out.finished:
@@ -319,7 +321,8 @@ class SinkServeReplica:
         if session_id not in self.resident:
             return False
         del self.resident[session_id]
-        self.loop.unsubscribe(session_id)
+        # A turn still streaming ends with this error instead of waiting for a final event that never comes.
+        self.loop.unsubscribe(session_id, ReplicaError(NOT_FOUND, f"session {session_id} was closed on this replica"))
 
         def close(engine: Any) -> None:
             try:
