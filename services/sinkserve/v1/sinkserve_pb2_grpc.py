@@ -85,7 +85,9 @@ class SinkServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The tenant's sessions, oldest first. Registry fields only: cache_entries, cache_capacity and busy are
+        left at 0/false here (GetSession asks the owner replica for them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
