@@ -111,7 +111,7 @@ class SinkServeReplica:
         deadline_unix: float | None = None,
     ) -> AsyncIterator[dict]:
         """One turn: yields {"delta": text}..., then {"final": {...}} once the turn is in the transcript."""
-        from sinkserve.engine import EngineError, SamplingParams
+        from sinkserve.engine import SamplingParams
 
         if session_id in self.active:
             raise ReplicaError(ABORTED, f"session {session_id} is still replying to a previous message")
@@ -130,7 +130,7 @@ class SinkServeReplica:
 
             try:
                 await self.loop.call(start_turn)
-            except EngineError as err:
+            except Exception as err:  # noqa: BLE001 - engine refusals and a dead loop map to statuses
                 raise _map_engine_error(err) from None
             async for event in self._stream_turn(session_id, epoch, out_queue, deadline_unix):
                 yield event

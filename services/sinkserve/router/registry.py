@@ -11,7 +11,6 @@ they agree on which replica owns a session. Layout (``p`` is ``RedisConfig.key_p
     p:t:{tenant}:sessions  zset   "created_ms|sid" members (lexicographic pagination), all score 0
     p:r:{replica}          str    the replica's JSON load report, with a TTL
     p:r:{replica}:sessions set    sessions the replica owns (its routing load)
-    p:replicas             set    replica ids that ever reported
 
 Ownership moves only through ``claim``, which bumps the epoch; a replica writes the transcript only while
 ``owner``/``epoch`` are still its own (``append_transcript`` checks both atomically), so a replica that
@@ -372,10 +371,7 @@ class Registry:
     # ---- replica load
     async def report_load(self, report: LoadReport, ttl_ms: int) -> None:
         report.reported_ms = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self._report(report.replica_id), json.dumps(asdict(report)), px=max(1, int(ttl_ms)))
-        pipe.sadd(f"{self.prefix}:replicas", report.replica_id)
-        await pipe.execute()
+        await self.redis.set(self._report(report.replica_id), json.dumps(asdict(report)), px=max(1, int(ttl_ms)))
 
     async def drop_report(self, replica_id: str) -> None:
         await self.redis.delete(self._report(replica_id))
