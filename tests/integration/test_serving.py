@@ -262,6 +262,7 @@ def test_second_concurrent_message_is_aborted_and_client_cancel_stops_generation
     assert client.get_session(sid).tokens_seen == seen, "generation went on after the client hung up"
     recorded = sum(len(e) for e in stack.registry_call("transcript", sid))
     assert recorded < 2000 + 100  # aborted early: far from the 2000 tokens asked for
+    assert stack.loop.run(stack.gateway.tenants.tokens_used("concurrent")) > 0  # the partial turn is charged
     _, final = client.chat(sid, "short one", max_tokens=4)
     assert final.turn == 2
 

@@ -239,7 +239,6 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
                     yield pb.SendMessageEvent(delta=pb.TextDelta(text=event["delta"]))
                     continue
                 final = event["final"]
-                await self.tenants.charge(tenant.name, final["prompt_tokens"] + final["completion_tokens"])
                 if final.get("text"):
                     yield pb.SendMessageEvent(delta=pb.TextDelta(text=final["text"]))
                 yield pb.SendMessageEvent(

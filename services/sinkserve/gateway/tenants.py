@@ -4,7 +4,7 @@
     p:t:{name}             hash   name, max_sessions, tokens_per_minute, created_ms
     p:t:{name}:keys        set    digests of the tenant's keys
     p:key:{digest}         str    tenant name
-    p:t:{name}:tpm:{min}   int    tokens used in that minute (expires after two minutes)
+    p:t:{name}:tpm:{min}   int    tokens used in that minute (charged by the replica with the transcript)
 
 Keys are 256-bit random tokens, so a plain SHA-256 digest is enough: there is nothing to brute-force,
 and lookups stay O(1) on every request.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from sinkserve.config import LimitsConfig
+from sinkserve.router.registry import tpm_key
 
 KEY_PREFIX = "sk-ss-"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -127,22 +128,10 @@ class TenantStore:
             return None
         return await self.get(name.decode())
 
-    # ---- tokens per minute (fixed one-minute windows)
-    def _tpm(self, name: str, minute: int) -> str:
-        return f"{self._tenant(name)}:tpm:{minute}"
-
+    # ---- tokens per minute (fixed one-minute windows; replicas charge them when they record a turn)
     async def tokens_used(self, name: str) -> int:
-        value = await self.redis.get(self._tpm(name, int(time.time() // 60)))
+        value = await self.redis.get(tpm_key(self.prefix, name, time.time()))
         return int(value or 0)
-
-    async def charge(self, name: str, tokens: int) -> None:
-        if tokens <= 0:
-            return
-        key = self._tpm(name, int(time.time() // 60))
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.incrby(key, tokens)
-        pipe.expire(key, 120)
-        await pipe.execute()
 
     @staticmethod
     def seconds_to_next_window() -> float:

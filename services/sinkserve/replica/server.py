@@ -132,7 +132,7 @@ class SinkServeReplica:
                 await self.loop.call(start_turn)
             except Exception as err:  # noqa: BLE001 - engine refusals and a dead loop map to statuses
                 raise _map_engine_error(err) from None
-            async for event in self._stream_turn(session_id, epoch, out_queue, deadline_unix):
+            async for event in self._stream_turn(session_id, record.tenant, epoch, out_queue, deadline_unix):
                 yield event
         finally:
             self.active.discard(session_id)
@@ -167,7 +167,7 @@ class SinkServeReplica:
 
     # ------------------------------------------------------------------ turn streaming
     async def _stream_turn(
-        self, session_id: str, epoch: int, out_queue: asyncio.Queue, deadline_unix: float | None
+        self, session_id: str, tenant: str, epoch: int, out_queue: asyncio.Queue, deadline_unix: float | None
     ) -> AsyncIterator[dict]:
         final = None
         try:
@@ -190,12 +190,12 @@ class SinkServeReplica:
             if final is None:
                 # Cancelled (client hang-up, deadline) or failed: stop generating now and record the part
                 # of the reply the cache holds, so the transcript and the cache stay the same.
-                await asyncio.shield(self._abort_and_record(session_id, epoch, out_queue))
+                await asyncio.shield(self._abort_and_record(session_id, tenant, epoch, out_queue))
             raise
-        turns = await self._commit(session_id, epoch, final)
+        turns = await self._commit(session_id, tenant, epoch, final)
         yield {"final": await self._final_event(session_id, final, turns)}
 
-    async def _abort_and_record(self, session_id: str, epoch: int, out_queue: asyncio.Queue) -> None:
+    async def _abort_and_record(self, session_id: str, tenant: str, epoch: int, out_queue: asyncio.Queue) -> None:
         self.loop.unsubscribe(session_id)
         try:
             final = await self.loop.call(lambda engine: engine.abort_turn(session_id))
@@ -211,15 +211,22 @@ class SinkServeReplica:
             await self._drop(session_id)
             return
         try:
-            await self._commit(session_id, epoch, final)
+            await self._commit(session_id, tenant, epoch, final)
         except Exception:  # noqa: BLE001 - _commit already dropped the cache
             logger.warning("could not record the aborted turn of %s", session_id, exc_info=True)
 
-    async def _commit(self, session_id: str, epoch: int, final: Any) -> int:
-        """Append the turn's tokens to the transcript; if that fails the cache is dropped (rebuilt from the log)."""
+    async def _commit(self, session_id: str, tenant: str, epoch: int, final: Any) -> int:
+        """Append the turn's tokens to the transcript (and charge the tenant); if that fails the cache is
+        dropped, to be rebuilt from the log."""
         try:
             return await self.registry.append_transcript(
-                session_id, self.replica_id, epoch, list(final.turn_tokens or []), count_turn=True
+                session_id,
+                self.replica_id,
+                epoch,
+                list(final.turn_tokens or []),
+                count_turn=True,
+                tenant=tenant,
+                charge_tokens=final.prompt_tokens + final.completion_tokens,
             )
         except (Fenced, SessionGone) as err:
             await self._drop(session_id)

@@ -58,6 +58,11 @@ def unpack_tokens(blob: bytes) -> list[int]:
     return data.tolist()
 
 
+def tpm_key(prefix: str, tenant: str, unix_time: float) -> str:
+    """The tenant's token counter for the minute holding ``unix_time`` (fixed one-minute windows)."""
+    return f"{prefix}:t:{tenant}:tpm:{int(unix_time // 60)}"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -153,12 +158,17 @@ return 1
 """
 
 _APPEND = """
--- KEYS: session hash, transcript. ARGV: owner, epoch, blob, tokens, turn increment.
+-- KEYS: session hash, transcript, tenant's tokens-per-minute counter.
+-- ARGV: owner, epoch, blob, tokens, turn increment, tokens to charge the tenant.
 if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return -1 end
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'tokens_seen', ARGV[4])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('INCRBY', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[3], 120)
+end
 return redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
 """
 
@@ -347,13 +357,31 @@ class Registry:
 
     # ---- transcript
     async def append_transcript(
-        self, sid: str, replica_id: str, epoch: int, token_ids: list[int], count_turn: bool
+        self,
+        sid: str,
+        replica_id: str,
+        epoch: int,
+        token_ids: list[int],
+        count_turn: bool,
+        tenant: str = "",
+        charge_tokens: int = 0,
     ) -> int:
-        """Append one entry, fenced by ownership; returns the session's turn count after it."""
+        """Append one entry, fenced by ownership; returns the session's turn count after it.
+
+        ``charge_tokens`` go to the tenant's tokens-per-minute counter in the same atomic step, so a turn is
+        charged exactly when it is recorded (aborted turns included).
+        """
         result = int(
             await self._append(
-                keys=[self.session_key(sid), self._tx(sid)],
-                args=[replica_id, epoch, pack_tokens(token_ids), len(token_ids), 1 if count_turn else 0],
+                keys=[self.session_key(sid), self._tx(sid), tpm_key(self.prefix, tenant or "-", time.time())],
+                args=[
+                    replica_id,
+                    epoch,
+                    pack_tokens(token_ids),
+                    len(token_ids),
+                    1 if count_turn else 0,
+                    charge_tokens if tenant else 0,
+                ],
             )
         )
         if result == -2:
