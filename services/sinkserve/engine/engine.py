@@ -87,6 +87,11 @@ class Engine:
             window = config.max_context or args.max_context
         if sinks < 0 or window < 1:
             raise InvalidRequest("sinks must be >= 0 and window >= 1")
+        if config.policy != "dense" and sinks + window > args.max_context:
+            # Cache positions past the trained context would be out of distribution for the model.
+            raise InvalidRequest(
+                f"sinks + window = {sinks + window} exceeds the model's context length {args.max_context}"
+            )
         self.sinks, self.window = sinks, window
         self.geometry = SlabGeometry(args.n_layers, args.n_kv_heads, args.head_dim, sinks, window, config.max_sessions)
         self.slab = KVSlab(self.geometry, self.dtype, self.device)
@@ -293,11 +298,13 @@ class Engine:
                         return
 
     def _finish(self, s: _Session, reason: str, token_id: int | None, text: str) -> TokenOutput:
-        close = self.chat_format.close_ids
-        if s.next_input is not None:
-            last = s.next_input
-            close = [last] + (close[1:] if close and close[0] == last else close)
-        s.feed.extend(close)  # ingested with the next message
+        close = list(self.chat_format.close_ids)
+        unfed = []
+        if s.next_input is not None:  # sampled and logged, not fed yet
+            unfed.append(s.next_input)
+            if close and close[0] == s.next_input:  # the reply ended with the template's own end token
+                close = close[1:]
+        s.feed.extend(unfed + close)  # ingested with the next message
         s.turn_tokens.extend(close)
         s.turns += 1
         s.state, s.next_input, s.params = "idle", None, None
@@ -382,7 +389,8 @@ class Engine:
 
     def _emit(self, s: _Session, token: int) -> TokenOutput:
         s.completion_tokens += 1
-        s.next_input = token  # fed next step; if the reply ends here, _finish logs it with the close
+        s.next_input = token  # fed next step, or by the next message if the reply ends here
+        s.turn_tokens.append(token)
         params = s.params
         if token in self.eos_ids and not params.ignore_eos:
             return self._finish(s, "eos", token, s.detok.flush())
@@ -392,7 +400,6 @@ class Engine:
         at_capacity = self.policy == "dense" and s.fed + len(s.feed) + 1 >= self.capacity
         if s.completion_tokens >= params.max_tokens or at_capacity:
             return self._finish(s, "length", token, text + s.detok.flush())
-        s.turn_tokens.append(token)
         return TokenOutput(session_id=s.id, token_id=token, text=text)
 
     def _recompute_context(self, s: _Session, new_ids: list[int]) -> list[int]:

@@ -50,3 +50,11 @@ def make_tiny_checkpoint(directory: str | Path, arch: str = "llama", layers: int
         if (source / name).is_file():
             shutil.copy(source / name, out / name)
     return out
+
+
+def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
+    """Deterministic random token ids."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=generator).tolist()

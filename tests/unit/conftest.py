@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from sinkserve.config import EngineConfig
+from sinkserve.engine import load_engine
+from sinkserve.engine.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-neox"), arch="gpt_neox")
+
+
+@pytest.fixture
+def make_engine(tiny_llama):
+    def build(**overrides):
+        fields = dict(model=str(tiny_llama), sinks=4, window=32, max_sessions=4, device="cpu", prefill_chunk=16)
+        fields.update(overrides)
+        return load_engine(EngineConfig(**fields))
+
+    return build
