@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -71,6 +72,13 @@ def up(
         ray={**base.ray.model_dump(), "address": None, "host": "127.0.0.1"},
         redis={**base.redis.model_dump(), **({"url": redis_url} if redis_url else {})},
     )
+    cores = os.cpu_count() or 1
+    if settings.engine.num_threads is None:
+        # Replicas share this machine's cores: split them instead of every replica using all of them.
+        settings.engine.num_threads = max(1, cores // replicas)
+    if num_cpus is None:
+        # Logical CPUs for Ray's scheduler: enough that every replica fits, however many were asked for.
+        num_cpus = max(cores, math.ceil(replicas * settings.replica.num_cpus))
     redis_server = None
     ray_started = False
     try:
