@@ -139,7 +139,7 @@ def ppl(
         policy=policy,
         dtype=dtype,
         device=device,
-        max_sessions=1,
+        max_sessions=8 if policy == "recompute" else 1,  # recompute scores 8 positions per forward
         prefill_chunk=chunk,
         max_context=max_context,
     )

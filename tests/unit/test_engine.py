@@ -47,6 +47,7 @@ def test_batched_decode_equals_each_session_alone(make_engine):
     assert [together[sid] for sid in sids] == alone
 
 
+@pytest.mark.slow
 def test_hundred_thousand_tokens_bounded_memory(make_engine):
     engine = make_engine(sinks=4, window=32, max_sessions=1, prefill_chunk=32)
     k_ptr, v_ptr, slab_bytes = engine.slab.k.data_ptr(), engine.slab.v.data_ptr(), engine.slab.nbytes
