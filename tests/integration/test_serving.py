@@ -55,7 +55,10 @@ def test_sessions_spread_over_replicas_and_stick_even_through_a_second_gateway(s
     owners = {s.session_id: s.owner_replica for s in sessions}
     assert len(set(owners.values())) == REPLICAS, f"sessions not spread: {owners}"
     counts = sorted(list(owners.values()).count(r) for r in set(owners.values()))
-    assert counts[0] >= 5, f"bounded load not honoured: {counts}"
+    assert counts[0] >= 9, f"placement is not least-loaded: {counts}"
+    # Placed one at a time, each to the replica owning fewest sessions: the replicas end at most one apart.
+    owned = [n for n, _ in stack.registry_call("loads", sorted(set(owners.values()))).values()]
+    assert max(owned) - min(owned) <= 1, owned
     for s in sessions:
         _, final = client.chat(s.session_id, "hello", max_tokens=4)
         assert final.replica == owners[s.session_id]
