@@ -137,6 +137,14 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
         assert replica.evicted >= 1
         events = await _drain(replica, sids[0], "again")
         assert events[-1]["final"]["turn"] == 2 and replica.rebuilt >= 1
+        # Two turns at once on sessions that are not resident: each takes an idle session's slot, none fails.
+        fourth = (await registry.create_session("t", max_sessions=10)).session_id
+        await replica.create(session_id=fourth)
+        await _drain(replica, fourth, "hi")
+        assert set(replica.resident) == {sids[0], fourth}
+        finals = await asyncio.gather(_drain(replica, sids[1], "together"), _drain(replica, sids[2], "together"))
+        assert [f[-1]["final"]["turn"] for f in finals] == [2, 2]
+        assert set(replica.resident) == {sids[1], sids[2]}
 
         # Another replica claims sids[1]: this one may no longer record turns for it.
         record = await registry.get_session(sids[1])
@@ -144,7 +152,7 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
         with pytest.raises(ReplicaError) as err:
             await _drain(replica, sids[1], "mine?")
         assert err.value.status == NOT_OWNER
-        assert await registry.transcript_len(sids[1]) == 1
+        assert await registry.transcript_len(sids[1]) == 2
 
         await replica.check_health()
         report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]

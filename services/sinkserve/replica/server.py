@@ -67,6 +67,7 @@ class SinkServeReplica:
         self.owned: dict[str, int] = {}  # session -> epoch this replica holds it under
         self.resident: OrderedDict[str, int] = OrderedDict()  # session -> epoch of the cache; LRU order
         self.active: set[str] = set()
+        self._slots_lock = asyncio.Lock()
         self.draining = False
         self.rebuilt = 0
         self.evicted = 0
@@ -286,13 +287,9 @@ class SinkServeReplica:
 
     async def _ensure_resident(self, record: SessionRecord, epoch: int) -> None:
         sid = record.session_id
-        held = self.resident.get(sid)
-        if held == epoch:
+        if self.resident.get(sid) == epoch:
             self.resident.move_to_end(sid)
             return
-        if held is not None:  # we held it under an older epoch: another replica served it since
-            await self._drop(sid)
-        await self._evict_for_slot()
         transcript = await self.registry.transcript(sid)
         token_ids = [t for entry in transcript for t in entry]
         system_prompt = record.system_prompt or None
@@ -303,15 +300,24 @@ class SinkServeReplica:
             else:
                 engine.open_session(session_id=sid, system_prompt=system_prompt)
 
-        try:
-            await self.loop.call(load)
-        except LoopDead as err:
-            raise ReplicaError(UNAVAILABLE, str(err)) from None
-        except Exception as err:  # noqa: BLE001
-            raise _map_engine_error(err) from None
-        if token_ids:
-            self.rebuilt += 1
-        self.resident[sid] = epoch
+        # One residency change at a time: two turns must not both count the same free slot.
+        async with self._slots_lock:
+            held = self.resident.get(sid)
+            if held == epoch:
+                self.resident.move_to_end(sid)
+                return
+            if held is not None:  # we held it under an older epoch: another replica served it since
+                await self._drop(sid)
+            await self._evict_for_slot()
+            try:
+                await self.loop.call(load)
+            except LoopDead as err:
+                raise ReplicaError(UNAVAILABLE, str(err)) from None
+            except Exception as err:  # noqa: BLE001
+                raise _map_engine_error(err) from None
+            if token_ids:
+                self.rebuilt += 1
+            self.resident[sid] = epoch
 
     async def _evict_for_slot(self) -> None:
         if self.engine.free_slots > 0:
