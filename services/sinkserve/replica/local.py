@@ -30,6 +30,7 @@ def start_local_ray(settings: Settings, num_cpus: int | None = None, token_auth:
 
         Config.initialize("")
     context = ray.init(
+        address="local",  # always a new cluster, even with RAY_ADDRESS set in the environment
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address=settings.ray.host,
