@@ -1,0 +1,1 @@
+"""Locust gRPC load test for endless chats: locustfile, local-stack runner, report."""

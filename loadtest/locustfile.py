@@ -1,0 +1,290 @@
+"""Locust gRPC users for sinkserve: every user is one endless chat.
+
+A user creates one session and then sends turn after turn, with think time between them, for the whole
+run; it never resets or replaces its session. Each turn streams through the gateway and is measured as
+separate Locust metrics (request_type / name):
+
+    TTFT   / SendMessage   time from sending the message to the first text delta
+    ITL    / SendMessage   gap between two consecutive text deltas of one reply (one sample per gap)
+    TURN   / SendMessage   the whole turn, message sent to final event; failures are named by gRPC status
+    SESSION/ CreateSession creating the chat's session
+
+A turn fails when the call ends with a gRPC error (named by its status code, e.g. RESOURCE_EXHAUSTED),
+when the stream ends without a final event (NO_FINAL), or when the final event shows the session lost
+its history (TRANSCRIPT: the turn number did not advance by one, or the cache shrank).
+
+Run it through ``python -m loadtest.run`` (which starts the stack and writes the report), or against any
+gateway:  locust -f loadtest/locustfile.py --headless -u 100 -r 10 -t 5m --host 127.0.0.1:50051 --api-key KEY
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import User, events, task
+
+# grpcio must run its I/O on gevent's loop before any channel exists, or every call blocks all users.
+grpc_gevent.init_gevent()
+
+from sinkserve.v1 import sinkserve_pb2 as pb  # noqa: E402
+from sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc  # noqa: E402
+
+SENTENCES = (
+    "Tell me more about that.",
+    "What happened next in the story?",
+    "Can you summarise what we said so far in one line?",
+    "I was thinking about the weather on the coast this weekend.",
+    "Give me three ideas for a quick dinner.",
+    "Why do cats sit in boxes?",
+    "Let's switch topics: how do tides work?",
+    "Explain it again, but simpler.",
+    "Write a two-line poem about trains.",
+    "What is a good name for a small grey dog?",
+    "How long would it take to walk across the city?",
+    "Remind me what my first question was.",
+)
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get("SINKSERVE_API_KEY", ""), is_secret=True,
+                        help="tenant API key (default: $SINKSERVE_API_KEY)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
+    parser.add_argument("--think-min", type=float, default=5.0, help="shortest think time between turns, s")
+    parser.add_argument("--think-max", type=float, default=15.0, help="longest think time between turns, s")
+    parser.add_argument("--turn-timeout", type=float, default=60.0, help="gRPC deadline of one turn, s")
+    parser.add_argument("--channels", type=int, default=8, help="gRPC channels shared by this process's users")
+    parser.add_argument("--summary-json", default="", help="write the run's turn/session counts here at the end")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the users' message and think-time choices")
+
+
+class GrpcStatus(Exception):
+    """A failed turn, named by its outcome so Locust groups the failures by gRPC status."""
+
+    def __init__(self, code: str, details: str = ""):
+        super().__init__(code)
+        self.code = code
+        self.details = details
+
+
+class RunTally:
+    """What the report needs beyond Locust's stats: turns by outcome and per-session continuity."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: Counter[str] = Counter()  # "OK" or the failure code, per turn
+        self.session_errors: Counter[str] = Counter()
+        self.sessions_created = 0
+        self.turns_per_session: dict[str, int] = {}
+        self.completion_tokens = 0
+        self.replicas: Counter[str] = Counter()  # turns served per replica
+        self.final_checks: Counter[str] = Counter()  # on_stop GetSession: "match" / "mismatch" / error
+        self.error_samples: list[str] = []
+
+    def failure(self, code: str, details: str) -> None:
+        with self.lock:
+            self.outcomes[code] += 1
+            if len(self.error_samples) < 20:
+                self.error_samples.append(f"{code}: {details}"[:300])
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            turns = dict(self.turns_per_session)
+            return {
+                "turns_ok": self.outcomes.get("OK", 0),
+                "turns_failed": sum(n for code, n in self.outcomes.items() if code != "OK"),
+                "failures_by_code": {code: n for code, n in self.outcomes.items() if code != "OK"},
+                "session_errors_by_code": dict(self.session_errors),
+                "sessions_created": self.sessions_created,
+                "sessions_with_turns": sum(1 for n in turns.values() if n > 0),
+                "max_turns_per_session": max(turns.values(), default=0),
+                "min_turns_per_session": min(turns.values(), default=0),
+                "completion_tokens": self.completion_tokens,
+                "turns_by_replica": dict(self.replicas),
+                "final_session_checks": dict(self.final_checks),
+                "error_samples": list(self.error_samples),
+            }
+
+
+TALLY = RunTally()
+_CHANNELS: list[grpc.Channel] = []
+
+
+def _channel(host: str, index: int, pool_size: int) -> grpc.Channel:
+    while len(_CHANNELS) < max(1, pool_size):
+        _CHANNELS.append(grpc.insecure_channel(host, options=[("grpc.enable_retries", 0)]))
+    return _CHANNELS[index % len(_CHANNELS)]
+
+
+def _write_summary(environment) -> None:
+    path = getattr(environment.parsed_options, "summary_json", "")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(TALLY.as_dict(), indent=2))
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_) -> None:
+    _write_summary(environment)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment, **_) -> None:
+    _write_summary(environment)
+    for channel in _CHANNELS:
+        channel.close()
+
+
+class EndlessChatUser(User):
+    """One endless conversation: one session, turn after turn until the run ends."""
+
+    _next_index = 0
+
+    def __init__(self, environment) -> None:
+        super().__init__(environment)
+        opts = environment.parsed_options
+        if not self.host:
+            raise ValueError("no gateway address: pass --host HOST:PORT")
+        if not opts.api_key:
+            raise ValueError("no API key: pass --api-key or set SINKSERVE_API_KEY")
+        self.opts = opts
+        index = EndlessChatUser._next_index
+        EndlessChatUser._next_index += 1
+        self.rng = random.Random(opts.seed * 1_000_003 + index)
+        self.stub = pb_grpc.SinkServeStub(_channel(self.host, index, opts.channels))
+        self.metadata = (("authorization", f"Bearer {opts.api_key}"),)
+        self.session_id: str | None = None
+        self.capacity = 0
+        self.turns_done = 0  # turns this user saw finish (the server's count must match)
+        self.expected_turn: int | None = None  # None after a failed turn: the server may have recorded it
+        self.last_cache_entries = 0
+        self.last_turn_ok = False
+
+    def wait_time(self) -> float:
+        return self.rng.uniform(self.opts.think_min, self.opts.think_max)
+
+    def _fire(self, request_type: str, name: str, started: float, seconds: float, length: int = 0,
+              exception: Exception | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type=request_type,
+            name=name,
+            start_time=started,
+            response_time=seconds * 1000.0,
+            response_length=length,
+            exception=exception,
+            context={},
+        )
+
+    def _create_session(self) -> bool:
+        started = time.time()
+        t0 = time.perf_counter()
+        request = pb.CreateSessionRequest(
+            system_prompt="You are a friendly assistant in a long conversation.",
+            default_settings=pb.GenerationSettings(max_tokens=self.opts.max_tokens, temperature=0.8, top_p=0.95),
+            labels={"source": "loadtest"},
+        )
+        try:
+            session = self.stub.CreateSession(request, metadata=self.metadata, timeout=self.opts.turn_timeout).session
+        except grpc.RpcError as err:
+            code = err.code().name
+            with TALLY.lock:
+                TALLY.session_errors[code] += 1
+            self._fire("SESSION", "CreateSession", started, time.perf_counter() - t0, exception=GrpcStatus(code))
+            return False
+        self._fire("SESSION", "CreateSession", started, time.perf_counter() - t0)
+        self.session_id = session.session_id
+        self.capacity = session.cache_capacity
+        self.expected_turn = session.turns + 1
+        with TALLY.lock:
+            TALLY.sessions_created += 1
+            TALLY.turns_per_session[self.session_id] = 0
+        return True
+
+    def _message(self) -> str:
+        picked = self.rng.sample(SENTENCES, self.rng.randint(1, 3))
+        return f"(message {self.turns_done + 1}) " + " ".join(picked)
+
+    @task
+    def turn(self) -> None:
+        if self.session_id is None and not self._create_session():
+            return
+        request = pb.SendMessageRequest(session_id=self.session_id, text=self._message())
+        started = time.time()
+        t0 = time.perf_counter()
+        first_at = last_at = None
+        final = None
+        call = self.stub.SendMessage(request, metadata=self.metadata, timeout=self.opts.turn_timeout)
+        try:
+            for event in call:
+                now = time.perf_counter()
+                if event.HasField("delta"):
+                    if first_at is None:
+                        first_at = now
+                        self._fire("TTFT", "SendMessage", started, now - t0)
+                    else:
+                        self._fire("ITL", "SendMessage", started, now - last_at)
+                    last_at = now
+                else:
+                    final = event.finished
+        except grpc.RpcError as err:
+            self._failed(started, t0, err.code().name, err.details() or "")
+            return
+        except gevent.GreenletExit:
+            call.cancel()  # the run is stopping: hang up instead of leaving the turn to run on
+            raise
+        if final is None:
+            self._failed(started, t0, "NO_FINAL", "stream ended without a final event")
+            return
+        problem = self._continuity_problem(final)
+        if problem:
+            self._failed(started, t0, "TRANSCRIPT", problem)
+            return
+        self.turns_done += 1
+        self.expected_turn = final.turn + 1
+        self.last_cache_entries = final.cache_entries
+        self.last_turn_ok = True
+        with TALLY.lock:
+            TALLY.outcomes["OK"] += 1
+            TALLY.turns_per_session[self.session_id] = self.turns_done
+            TALLY.completion_tokens += final.usage.completion_tokens
+            TALLY.replicas[final.replica] += 1
+        self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, length=final.usage.completion_tokens)
+
+    def _continuity_problem(self, final: pb.TurnFinished) -> str:
+        """A session that kept its history numbers its turns 1, 2, 3, ... and its cache never shrinks."""
+        if self.expected_turn is not None and final.turn != self.expected_turn:
+            return f"session {self.session_id}: turn {final.turn}, expected {self.expected_turn}"
+        if self.capacity and final.cache_entries > self.capacity:
+            return f"session {self.session_id}: cache {final.cache_entries} > capacity {self.capacity}"
+        if self.expected_turn is not None and final.cache_entries < self.last_cache_entries:
+            return f"session {self.session_id}: cache shrank {self.last_cache_entries} -> {final.cache_entries}"
+        return ""
+
+    def _failed(self, started: float, t0: float, code: str, details: str) -> None:
+        self.expected_turn = None  # resynchronise on the next finished turn
+        self.last_turn_ok = False
+        TALLY.failure(code, details)
+        self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, exception=GrpcStatus(code, details))
+
+    def on_stop(self) -> None:
+        # The registry must hold exactly the turns this user saw finish (the session was never reset).
+        if self.session_id is None or not self.last_turn_ok:
+            return
+        try:
+            session = self.stub.GetSession(
+                pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata, timeout=10
+            )
+            outcome = "match" if session.turns == self.expected_turn - 1 else "mismatch"
+        except grpc.RpcError as err:
+            outcome = err.code().name
+        with TALLY.lock:
+            TALLY.final_checks[outcome] += 1

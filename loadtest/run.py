@@ -1,0 +1,237 @@
+"""Run the endless-chat load test and write its report.
+
+    python -m loadtest.run --users 1000 --spawn-rate 10 --duration 600 --replicas 2 --slots 256 --model tiny
+    python -m loadtest.run --users 4,8,16,32 --duration 120 --model smollm2 --name smollm2-sweep
+    python -m loadtest.run --target gateway.example:50051 --api-key KEY --users 200 --duration 300
+
+Without --target it starts the local stack on 127.0.0.1 (a private redis-server, then ``sinkserve up``:
+local Ray, the Serve app with the chosen model preset, the gRPC gateway), creates a tenant, runs Locust
+headless as a subprocess, samples the replicas' memory, and stops everything it started. Several
+comma-separated --users values run one after another against the same stack (a sweep). Output:
+raw files in loadtest/results/<name>/, plots in docs/img/loadtest_<name>*.png, the run's entry in
+docs/loadtest.json and docs/loadtest.md re-rendered from all entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from loadtest import report
+from loadtest.stack import LocalStack, MemorySampler, prepare_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+
+
+def _user_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--users takes positive integers separated by commas, not {text!r}")
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError("--users takes positive integers separated by commas")
+    return counts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=_user_counts, default=[100], help="concurrent chats; a,b,c sweeps (default 100)")
+    parser.add_argument("--spawn-rate", type=float, default=10, help="users started per second (default 10)")
+    parser.add_argument("--duration", type=float, default=120, help="seconds per Locust run, ramp included (default 120)")
+    parser.add_argument("--replicas", type=int, default=2, help="model replicas of the local stack (default 2)")
+    parser.add_argument("--slots", type=int, default=64, help="KV slots per replica (default 64)")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny random-weight Llama (load only) or the bundled SmolLM2-135M (default tiny)")
+    parser.add_argument("--sinks", type=int, default=4, help="attention-sink entries per session (default 4)")
+    parser.add_argument("--window", type=int, default=252, help="window entries per session (default 252)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
+    parser.add_argument("--think-min", type=float, default=5, help="shortest think time between turns, s (default 5)")
+    parser.add_argument("--think-max", type=float, default=15, help="longest think time between turns, s (default 15)")
+    parser.add_argument("--turn-timeout", type=float, default=60, help="deadline of one turn, s (default 60)")
+    parser.add_argument("--target", help="host:port of a running gateway instead of starting the local stack")
+    parser.add_argument("--api-key", default=os.environ.get("SINKSERVE_API_KEY"),
+                        help="tenant API key for --target (default: $SINKSERVE_API_KEY)")
+    parser.add_argument("--name", help="run name in the report (default: <model>-<users>u)")
+    parser.add_argument("--title", help="section heading in docs/loadtest.md")
+    parser.add_argument("--note", default="", help="a sentence or two printed above the run's figures")
+    parser.add_argument("--results-dir", type=Path, help="raw output (default: loadtest/results/<name>)")
+    parser.add_argument("--docs-dir", type=Path, default=ROOT / "docs", help="where loadtest.md/.json and img/ go")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.target and not args.api_key:
+        parser.error("--target needs --api-key (or SINKSERVE_API_KEY)")
+    if args.think_max < args.think_min:
+        parser.error("--think-max must be >= --think-min")
+    for flag in ("spawn_rate", "duration", "replicas", "slots", "window", "max_tokens", "turn_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    args.name = args.name or f"{args.model if not args.target else 'remote'}-{'-'.join(map(str, args.users))}u"
+    if not all(c.isalnum() or c in "-_." for c in args.name):
+        parser.error("--name may hold letters, digits, '-', '_' and '.' only")
+    args.results_dir = args.results_dir or ROOT / "loadtest" / "results" / args.name
+    return args
+
+
+def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str, out_dir: Path) -> Path:
+    """One headless Locust run; returns the CSV prefix. Locust stops itself after --duration."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / "locust"
+    stop_timeout = args.turn_timeout + 5  # a user mid-turn at the end may finish it
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless", "--only-summary",
+        "-u", str(users), "-r", str(args.spawn_rate), "-t", f"{int(args.duration)}s",
+        "--stop-timeout", str(int(stop_timeout)),
+        "--host", address,
+        "--csv", str(prefix), "--csv-full-history",
+        "--html", str(out_dir / "locust_report.html"),
+        "--logfile", str(out_dir / "locust.log"), "--loglevel", "INFO",
+        "--exit-code-on-error", "0",  # failures are counted in the report, not by the exit code
+        "--max-tokens", str(args.max_tokens),
+        "--think-min", str(args.think_min), "--think-max", str(args.think_max),
+        "--turn-timeout", str(args.turn_timeout),
+        "--channels", str(max(1, min(64, users // 25))),
+        "--summary-json", str(out_dir / "tally.json"),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+    env = {**os.environ, "SINKSERVE_API_KEY": api_key, "PYTHONPATH": str(ROOT)}
+    env.pop("LOCUST_API_KEY", None)
+    with (out_dir / "locust.out").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=args.duration + stop_timeout + 180)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"locust did not stop after {args.duration:.0f}s (see {out_dir}/locust.out)")
+    if process.returncode != 0:
+        tail = (out_dir / "locust.out").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"locust exited with {process.returncode}:\n{tail}")
+    return prefix
+
+
+def _print(message: str) -> None:
+    print(f"[loadtest] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stack = None
+    steps: list[dict] = []
+    sample_sets: list[list[dict]] = []
+    prefixes: list[Path] = []
+    model_description = "(remote target: whatever it serves)"
+    with tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-model-") as work:
+        try:
+            if args.target:
+                address, api_key = args.target, args.api_key
+            else:
+                preset = prepare_model(args.model, Path(work))
+                model_description = preset.description
+                _print(f"starting the local stack: {args.replicas} replica(s) × {args.slots} slots of {args.model}")
+                stack = LocalStack(
+                    model=preset,
+                    replicas=args.replicas,
+                    slots=args.slots,
+                    sinks=args.sinks,
+                    window=args.window,
+                    log_path=args.results_dir / "stack.log",
+                    max_ongoing_requests=max(256, 2 * max(args.users)),
+                )
+                stack.start(tenant_sessions=sum(args.users) + 10)
+                address, api_key = stack.address, stack.api_key
+                _print(f"gateway {address} is serving")
+            for users in args.users:
+                step_dir = args.results_dir if len(args.users) == 1 else args.results_dir / f"u{users}"
+                sampler = None
+                if stack is not None:
+                    sampler = MemorySampler(stack.redis_url, stack.key_prefix, step_dir / "replicas.csv")
+                    sampler.start()
+                _print(f"{users} endless chats for {args.duration:.0f}s ...")
+                try:
+                    prefix = run_locust(args, users, address, api_key, step_dir)
+                finally:
+                    samples = sampler.stop() if sampler is not None else []
+                tally = json.loads((step_dir / "tally.json").read_text())
+                step = report.step_summary(users, args.duration, args.spawn_rate, prefix, tally, samples)
+                steps.append(step)
+                sample_sets.append(samples)
+                prefixes.append(prefix)
+                _print(
+                    f"{users} chats: {step['turns']} turns, {step['failed_turns']} failed, TTFT p99 "
+                    f"{step['ttft_p99_ms']} ms, ITL p99 {step['itl_p99_ms']} ms, peak RSS {step['peak_replica_rss_mb']} MiB"
+                )
+        finally:
+            if stack is not None:
+                _print("stopping the local stack")
+                stack.stop()
+
+    passing = [s["users"] for s in steps if report.passes_itl_target(s)]
+    largest = max(passing) if passing else None
+    # The headline is the single run, or in a sweep the largest step that met the 1 s p99 ITL target.
+    headline_index = len(steps) - 1
+    if len(steps) > 1 and largest is not None:
+        headline_index = [s["users"] for s in steps].index(largest)
+    docs_dir = args.docs_dir
+    images = []
+    timeline = report.plot_timeline(
+        prefixes[headline_index],
+        sample_sets[headline_index],
+        f"{args.name}: {steps[headline_index]['users']} endless chats ({args.model if not args.target else 'remote'})",
+        docs_dir / "img" / f"loadtest_{args.name}.png",
+    )
+    images.append(f"img/{timeline.name}")
+    if len(steps) > 1:
+        sweep = report.plot_sweep(steps, f"{args.name}: latency vs concurrent chats", docs_dir / "img" / f"loadtest_{args.name}_sweep.png")
+        images.insert(0, f"img/{sweep.name}")
+    cores = os.cpu_count()
+    run_entry = {
+        "title": args.title,
+        "note": args.note,
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{cores} CPU cores, {platform.machine()}, Python {platform.python_version()}, no GPU"
+        if not args.target
+        else "remote target",
+        "command": "python -m loadtest.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != args.api_key),
+        "config": {
+            "target": "remote gateway " + args.target if args.target else "local stack on 127.0.0.1",
+            "model": model_description,
+            "replicas": args.replicas if not args.target else None,
+            "slots": args.slots if not args.target else None,
+            "sinks": args.sinks if not args.target else None,
+            "window": args.window if not args.target else None,
+            "max_tokens": args.max_tokens,
+            "think_s": [args.think_min, args.think_max],
+            "turn_timeout_s": args.turn_timeout,
+            "spawn_rate": args.spawn_rate,
+            "duration_s": args.duration,
+        },
+        "largest_passing_users": largest,
+        "headline": steps[headline_index],
+        "steps": steps,
+        "results_dir": os.path.relpath(args.results_dir, ROOT),
+        "images": images,
+    }
+    data = report.update_json(docs_dir / "loadtest.json", args.name, run_entry)
+    report.render_markdown(data, docs_dir / "loadtest.md")
+    _print(f"wrote {docs_dir / 'loadtest.md'}, {docs_dir / 'loadtest.json'} and {', '.join(images)}")
+    return run_entry
+
+
+if __name__ == "__main__":
+    main()

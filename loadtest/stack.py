@@ -1,0 +1,267 @@
+"""The local stack a load run talks to, and the replica-memory sampler.
+
+``LocalStack`` starts a private redis-server and ``sinkserve up`` (local Ray on 127.0.0.1, the Serve app,
+the gRPC gateway) as child processes, creates a tenant, and stops exactly what it started. The stack
+process gets its own process group and a private SINKSERVE_CACHE_DIR, so neither a stray Ray worker nor
+``up``'s saved client defaults outlive the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+TINY_LAYERS, TINY_HIDDEN = 2, 64
+
+
+@dataclass
+class ModelPreset:
+    key: str  # what --model takes
+    description: str  # how the report names it
+    checkpoint: Path
+
+
+def prepare_model(key: str, work_dir: Path) -> ModelPreset:
+    """'tiny': a random-weight Llama checkpoint (SmolLM2's tokenizer) for load without real language;
+    'smollm2': the bundled SmolLM2-135M-Instruct, converted once into SINKSERVE_CACHE_DIR."""
+    if key == "tiny":
+        from sinkserve.engine.testing import make_tiny_checkpoint
+
+        path = make_tiny_checkpoint(work_dir / "tiny-llama", arch="llama", layers=TINY_LAYERS, hidden=TINY_HIDDEN)
+        return ModelPreset(
+            key,
+            f"tiny random-weight Llama (sinkserve.engine.testing.make_tiny_checkpoint: {TINY_LAYERS} layers, "
+            f"hidden {TINY_HIDDEN}, SmolLM2 tokenizer); replies are random tokens, not language",
+            path,
+        )
+    if key == "smollm2":
+        from sinkserve.engine.weights import prepare_bundled_model
+
+        return ModelPreset(key, "SmolLM2-135M-Instruct (bundled, fp32)", prepare_bundled_model(progress=False))
+    raise ValueError(f"unknown model preset {key!r}: use 'tiny' or 'smollm2'")
+
+
+def free_port() -> int:
+    from sinkserve.router.redis_server import free_port as _free_port
+
+    return _free_port("127.0.0.1")
+
+
+def wait_serving(address: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll the gateway's gRPC health service until SERVING; fail early if the stack process died."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+                raise RuntimeError(f"`sinkserve up` exited with {process.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+    raise TimeoutError(f"the gateway on {address} was not SERVING after {timeout_s:.0f}s (log: {log_path})")
+
+
+@dataclass
+class LocalStack:
+    model: ModelPreset
+    replicas: int
+    slots: int  # KV slab slots per replica
+    sinks: int
+    window: int
+    log_path: Path
+    max_ongoing_requests: int = 1024
+    key_prefix: str = "loadtest"
+    start_timeout_s: float = 900
+    address: str = ""
+    redis_url: str = ""
+    api_key: str = ""
+    _redis: object = None
+    _process: subprocess.Popen | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+    _env: dict = field(default_factory=dict)
+
+    def start(self, tenant_sessions: int) -> "LocalStack":
+        from sinkserve.router.redis_server import RedisServer
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-")
+        try:
+            self._redis = RedisServer(host="127.0.0.1").start()
+            self.redis_url = self._redis.url
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
+            self._env = {
+                **inherited,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                # `up` saves its address as the user's client default: keep that out of the real cache dir.
+                "SINKSERVE_CACHE_DIR": self._tmp.name,
+                "SINKSERVE_REDIS__KEY_PREFIX": self.key_prefix,
+                "SINKSERVE_REPLICA__MAX_ONGOING_REQUESTS": str(self.max_ongoing_requests),
+                "SINKSERVE_ENGINE__DEVICE": "cpu",
+            }
+            command = [
+                sys.executable, "-m", "sinkserve.cli", "up",
+                "--replicas", str(self.replicas),
+                "--port", str(port),
+                "--model", str(self.model.checkpoint),
+                "--max-sessions", str(self.slots),
+                "--sinks", str(self.sinks),
+                "--window", str(self.window),
+                "--redis-url", self.redis_url,
+            ]  # fmt: skip
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = self.log_path.open("wb")
+            # Own process group: if `up` has to be killed, its Ray processes go with it (see stop()).
+            self._process = subprocess.Popen(
+                command, env=self._env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            log.close()
+            wait_serving(self.address, self._process, self.log_path, self.start_timeout_s)
+            self.api_key = self._create_tenant(tenant_sessions)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create_tenant(self, max_sessions: int) -> str:
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "sinkserve.cli", "tenant", "create", "loadtest",
+                "--redis-url", self.redis_url, "--no-save",
+                "--max-sessions", str(max_sessions),
+                "--tokens-per-minute", str(10**9),  # the load test measures the engine, not the quota
+            ],  # fmt: skip
+            env=self._env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"tenant create failed: {result.stderr.strip()}")
+        return result.stdout.strip().splitlines()[-1]
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            process, self._process = self._process, None
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # `up` shuts Serve and Ray down on SIGTERM
+                try:
+                    process.wait(90)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            # Anything still in the group we created (a Ray worker that outlived its raylet) goes too.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "LocalStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MemorySampler(threading.Thread):
+    """Every ``period_s``: each replica's load report from Redis (sessions, free slots, rebuilt, ...) and
+    the RSS of its process (the report carries the pid; only meaningful when the replicas run here)."""
+
+    FIELDS = ("unix_s", "replica", "pid", "rss_mb", "sessions", "owned", "free_slots", "max_sessions", "queue", "extra")
+
+    def __init__(self, redis_url: str, key_prefix: str, out_csv: Path, period_s: float = 2.0, local: bool = True):
+        super().__init__(name="replica-memory-sampler", daemon=True)
+        self.redis_url = redis_url
+        self.key_prefix = key_prefix
+        self.out_csv = out_csv
+        self.period_s = period_s
+        self.local = local
+        self.rows: list[dict] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            while not self._halt.is_set():
+                try:
+                    self._sample(client, psutil)
+                except redis.RedisError:
+                    pass  # the stack is stopping, or a blip: the next sample will tell
+                self._halt.wait(self.period_s)
+        finally:
+            client.close()
+
+    def _sample(self, client, psutil) -> None:
+        now = round(time.time(), 1)
+        for key in client.scan_iter(match=f"{self.key_prefix}:r:*", count=100):
+            if key.endswith(b":sessions"):
+                continue
+            raw = client.get(key)
+            if not raw:
+                continue
+            report = json.loads(raw)
+            extra = report.get("extra") or {}
+            pid = extra.get("pid")
+            rss_mb = None
+            if self.local and pid:
+                try:
+                    rss_mb = psutil.Process(int(pid)).memory_info().rss / 2**20
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.rows.append(
+                {
+                    "unix_s": now,
+                    "replica": report.get("replica_id", key.decode().rsplit(":", 1)[-1]),
+                    "pid": pid,
+                    "rss_mb": None if rss_mb is None else round(rss_mb, 1),
+                    "sessions": report.get("sessions"),
+                    "owned": report.get("owned"),
+                    "free_slots": report.get("free_slots"),
+                    "max_sessions": report.get("max_sessions"),
+                    "queue": report.get("queue"),
+                    "extra": json.dumps(extra, sort_keys=True),
+                }
+            )
+
+    def stop(self) -> list[dict]:
+        self._halt.set()
+        self.join(10)
+        self.out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with self.out_csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return self.rows
