@@ -307,6 +307,13 @@ def test_list_pagination_and_delete(stack, client_factory):
     assert [s.session_id for s in client.list_sessions().sessions] == created[1:]
 
 
+def test_local_ray_is_on_loopback_only(stack):
+    import ray
+
+    assert stack.ray_env["RAY_ADDRESS"].startswith("127.0.0.1:")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
 def test_health_and_reflection(stack):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

@@ -29,6 +29,15 @@ def start_local_ray(settings: Settings, num_cpus: int | None = None, token_auth:
         from ray._raylet import Config
 
         Config.initialize("")
+    # Ray turns a 127.0.0.1 node address into the machine's routable IP (and its servers then listen on
+    # every interface) unless it runs in its single-machine mode, the one it uses on macOS and Windows.
+    # That mode keeps the node IP, and every listening socket, on loopback.
+    import ray._private.ray_constants as ray_constants
+
+    if settings.ray.host in ("127.0.0.1", "localhost"):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
     context = ray.init(
         address="local",  # always a new cluster, even with RAY_ADDRESS set in the environment
         num_cpus=num_cpus,
@@ -40,6 +49,10 @@ def start_local_ray(settings: Settings, num_cpus: int | None = None, token_auth:
         configure_logging=True,
     )
     env["RAY_ADDRESS"] = context.address_info["gcs_address"]
+    node_ips = {node["NodeManagerAddress"] for node in ray.nodes()}
+    if settings.ray.host in ("127.0.0.1", "localhost") and node_ips != {"127.0.0.1"}:
+        ray.shutdown()
+        raise RuntimeError(f"local Ray came up on {sorted(node_ips)}, not on 127.0.0.1 only")
     return env
 
 
