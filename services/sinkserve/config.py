@@ -90,6 +90,16 @@ class ReplicaConfig(_Section):
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
+    park_host_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        description="host memory for parked sessions' caches (idle sessions whose slot was taken); past it the "
+        "least recently used parked session is dropped and rebuilt from its transcript on its next turn",
+    )
+    admission_queue: int = Field(1024, ge=0, description="turns that may wait for a free slot; more are refused")
+    admission_timeout_s: float = Field(
+        30, gt=0, description="how long a turn waits for a slot before RESOURCE_EXHAUSTED (with a retry hint)"
+    )
 
 
 class RouterConfig(_Section):
@@ -129,6 +139,9 @@ class RayConfig(_Section):
     host: str = "127.0.0.1"
     namespace: str = "sinkserve"
     app_name: str = "sinkserve"
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535, description="local clusters: the port of Ray's Prometheus metrics endpoint"
+    )
 
 
 class Settings(BaseSettings):

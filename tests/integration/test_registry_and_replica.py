@@ -106,7 +106,7 @@ def tiny_engine(tiny_checkpoint):
     )
 
 
-async def _replica(redis_server, engine, prefix: str):
+async def _replica(redis_server, engine, prefix: str, **replica_settings):
     from sinkserve.replica.server import SinkServeReplica
 
     class UnitReplica(SinkServeReplica):
@@ -115,7 +115,10 @@ async def _replica(redis_server, engine, prefix: str):
         def __del__(self) -> None:
             pass
 
-    settings = Settings(redis={"url": redis_server.url, "key_prefix": prefix}, replica={"load_report_interval_s": 0.2})
+    settings = Settings(
+        redis={"url": redis_server.url, "key_prefix": prefix},
+        replica={"load_report_interval_s": 0.2, **replica_settings},
+    )
     replica = UnitReplica.__new__(UnitReplica)
     await replica.__init__(settings, engine=engine)  # Serve awaits the async __init__ the same way
     return replica
@@ -126,7 +129,8 @@ async def _drain(replica, sid: str, text: str, max_tokens: int = 4) -> list[dict
 
 
 async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny_engine):
-    replica = await _replica(redis_server, tiny_engine, "replica-unit")
+    # No host memory for parking: an idle session that loses its slot is dropped and rebuilt from its log.
+    replica = await _replica(redis_server, tiny_engine, "replica-unit", park_host_bytes=0)
     registry = replica.registry
     try:
         sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
@@ -181,4 +185,104 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
     finally:
         replica._beat_task.cancel()
         replica.loop.stop()
+        await registry.close()
+
+
+async def _greedy_turn(replica, sid: str, text: str) -> list[dict]:
+    params = {"max_tokens": 12, "ignore_eos": True}
+    return [event async for event in replica.chat(session_id=sid, text=text, params=params)]
+
+
+async def test_parked_sessions_resume_exactly_and_are_reported(redis_server, tiny_engine, tiny_checkpoint):
+    """More sessions than slots: idle ones park in host memory and resume with the same cache as if they
+    had never left their slot."""
+    from sinkserve.config import EngineConfig
+    from sinkserve.engine import SamplingParams, load_engine
+
+    for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
+        tiny_engine.close_session(leftover)
+    replica = await _replica(redis_server, tiny_engine, "replica-park")
+    registry = replica.registry
+    try:
+        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(5)]
+        for sid in sids:
+            await replica.create(session_id=sid)
+        first = {sid: await _greedy_turn(replica, sid, f"hello from {sid}") for sid in sids}
+        assert replica.parks >= 3 and len(replica.parked) == 3 and len(replica.resident) == 2
+        assert all(info["parked"] for info in [await replica.info(session_id=s) for s in sids[:3]])
+        second = {sid: await _greedy_turn(replica, sid, "and again") for sid in sids}
+        assert replica.resumes >= 3 and replica.rebuilt == 0  # resumed from host memory, not rebuilt
+
+        # The same conversation in an engine with a slot per session (never parked) says the same.
+        reference = load_engine(
+            EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, max_sessions=5, device="cpu", num_threads=1)
+        )
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        for sid in sids:
+            reference.open_session(sid)
+            for text, events in ((f"hello from {sid}", first[sid]), ("and again", second[sid])):
+                expected = "".join(out.text for out in reference.chat(sid, text, params))
+                got = "".join(e.get("delta", "") for e in events) + events[-1]["final"]["text"]
+                assert got == expected
+
+        report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+        for _ in range(20):
+            report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+            if report.extra["parks"] == replica.parks:
+                break
+            await asyncio.sleep(0.2)
+        assert report.extra["parked"] == 3 and report.extra["resident"] == 2
+        assert report.extra["parks"] >= 6 and report.extra["resumes"] >= 3 and report.extra["rebuilt"] == 0
+    finally:
+        replica._beat_task.cancel()
+        replica.loop.stop()
+        for sid in list(replica.resident) + list(replica.parked):
+            try:
+                tiny_engine.close_session(sid)
+            except Exception:
+                pass
+        await registry.close()
+
+
+async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_engine):
+    """Every slot generating: a new turn waits for one; past the admission timeout it is refused with
+    RESOURCE_EXHAUSTED and a retry hint, and nothing is recorded for it."""
+    from sinkserve.replica.errors import RESOURCE_EXHAUSTED
+
+    for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
+        tiny_engine.close_session(leftover)
+    replica = await _replica(redis_server, tiny_engine, "replica-admit", admission_timeout_s=0.5)
+    registry = replica.registry
+    try:
+        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        for sid in sids[:2]:
+            await replica.create(session_id=sid)
+
+        async def long_turn(sid):
+            params = {"max_tokens": 400, "ignore_eos": True}
+            return [e async for e in replica.chat(session_id=sid, text="go on", params=params)]
+
+        busy = [asyncio.create_task(long_turn(sid)) for sid in sids[:2]]
+        while not all(sid in replica.active and sid in replica.resident for sid in sids[:2]):
+            await asyncio.sleep(0.01)
+        with pytest.raises(ReplicaError) as refused:
+            await _drain(replica, sids[2], "me too")
+        assert refused.value.status == RESOURCE_EXHAUSTED and refused.value.retry_after_s
+        assert await registry.transcript_len(sids[2]) == 0
+        # With a longer wait the third turn is admitted as soon as a slot frees up.
+        replica.settings.replica.admission_timeout_s = 120
+        waiting = asyncio.create_task(_drain(replica, sids[2], "me too"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and replica._waiting == 1
+        await asyncio.gather(*busy)
+        events = await waiting
+        assert events[-1]["final"]["turn"] == 1
+    finally:
+        replica._beat_task.cancel()
+        replica.loop.stop()
+        for sid in list(replica.resident) + list(replica.parked):
+            try:
+                tiny_engine.close_session(sid)
+            except Exception:
+                pass
         await registry.close()

@@ -163,6 +163,8 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
             await context.abort(err.code, err.message)
         if isinstance(err, ReplicaError):
             code = getattr(grpc.StatusCode, err.status, None)
+            if getattr(err, "retry_after_s", None) is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(int(err.retry_after_s * 1000))),))
             if code is None:  # NOT_OWNER after every retry: the placement did not settle
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, err.message)

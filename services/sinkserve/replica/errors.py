@@ -19,10 +19,11 @@ NOT_OWNER = "NOT_OWNER"
 
 
 class ReplicaError(Exception):
-    def __init__(self, status: str, message: str):
-        super().__init__(status, message)
+    def __init__(self, status: str, message: str, retry_after_s: float | None = None):
+        super().__init__(status, message, retry_after_s)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s  # sent to clients as `retry-after-ms` trailing metadata
 
     def __str__(self) -> str:
         return f"{self.status}: {self.message}"

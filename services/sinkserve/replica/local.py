@@ -43,6 +43,7 @@ def start_local_ray(settings: Settings, num_cpus: int | None = None, token_auth:
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address=settings.ray.host,
+        _metrics_export_port=settings.ray.metrics_export_port,
         namespace=settings.ray.namespace,
         logging_level=logging.WARNING,
         log_to_driver=False,

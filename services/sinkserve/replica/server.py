@@ -7,9 +7,12 @@ reads it to pick the replica.
 
 Sessions here are in one of three states: *owned* (the registry names this replica, with an epoch that
 fences it), *resident* (the engine holds its KV cache in a slab slot) and *active* (a turn is running).
-A session owned but not resident is rebuilt from its transcript on its next turn; an idle resident
-session gives its slot up (least recently used first) when a turn needs one. Parking (copying an idle
-session's cache to host memory instead of dropping it) plugs in at ``_evict_for_slot``.
+An idle resident session gives its slot up (least recently used first) when a turn needs one: it is
+*parked*, its cache copied to host memory bit for bit, and resumes from there on its next turn. Parked
+caches are bounded (``replica.park_host_bytes``); past the bound the least recently used parked session is
+dropped, and a session owned but neither resident nor parked is rebuilt from its transcript. When every
+slot is generating, a turn waits (bounded queue, bounded time) for one to free up, then gets
+RESOURCE_EXHAUSTED with a retry hint.
 """
 
 from __future__ import annotations
@@ -66,11 +69,17 @@ class SinkServeReplica:
         self.registry = Registry.from_config(self.settings.redis)
         self.owned: dict[str, int] = {}  # session -> epoch this replica holds it under
         self.resident: OrderedDict[str, int] = OrderedDict()  # session -> epoch of the cache; LRU order
+        self.parked: OrderedDict[str, int] = OrderedDict()  # idle sessions whose cache waits in host memory
         self.active: set[str] = set()
         self._slots_lock = asyncio.Lock()
         self.draining = False
         self.rebuilt = 0
-        self.evicted = 0
+        self.evicted = 0  # parked caches dropped for the host-memory bound (rebuilt from transcripts later)
+        self.parks = 0
+        self.resumes = 0
+        self._waiting = 0  # turns waiting for a slot
+        self._slot_released = asyncio.Condition()
+        self._metrics = _ReplicaMetrics(self.replica_id)
         self._lease_ms = int(self.settings.router.lease_ttl_s * 1000)
         self._beat_task = asyncio.get_running_loop().create_task(self._heartbeat())
         logger.info("replica %s ready (model %s, %d slots)", self.replica_id, engine.model_name, engine.max_sessions)
@@ -120,7 +129,7 @@ class SinkServeReplica:
         try:
             record = await self._record(session_id)
             epoch = await self._ensure_owner(record)
-            await self._ensure_resident(record, epoch)
+            await self._ensure_resident(record, epoch, deadline_unix)
             sampling = SamplingParams(**params)
             out_queue: asyncio.Queue = asyncio.Queue()
             event_loop = asyncio.get_running_loop()
@@ -137,6 +146,8 @@ class SinkServeReplica:
                 yield event
         finally:
             self.active.discard(session_id)
+            async with self._slot_released:  # a slot may be parkable now
+                self._slot_released.notify_all()
 
     async def info(self, session_id: str) -> dict:
         """The engine's view of a session (cache occupancy) plus which replica answered."""
@@ -146,11 +157,12 @@ class SinkServeReplica:
             "cache_entries": 0,
             "cache_capacity": self._capacity(),
             "busy": session_id in self.active,
+            "parked": session_id in self.parked,
         }
-        if session_id in self.resident:
+        if session_id in self.resident or session_id in self.parked:
             info = await self.loop.call(lambda engine: engine.session_info(session_id))
             out.update(
-                resident=True,
+                resident=session_id in self.resident,
                 cache_entries=info.cache_entries,
                 cache_capacity=info.cache_capacity,
                 tokens_seen=info.tokens_seen,
@@ -285,20 +297,14 @@ class SinkServeReplica:
         self.owned.pop(session_id, None)
         await self._drop(session_id)
 
-    async def _ensure_resident(self, record: SessionRecord, epoch: int) -> None:
+    async def _ensure_resident(self, record: SessionRecord, epoch: int, deadline_unix: float | None = None) -> None:
         sid = record.session_id
         if self.resident.get(sid) == epoch:
             self.resident.move_to_end(sid)
             return
-        transcript = await self.registry.transcript(sid)
-        token_ids = [t for entry in transcript for t in entry]
-        system_prompt = record.system_prompt or None
-
-        def load(engine: Any) -> None:
-            if token_ids:
-                engine.import_session(sid, token_ids)
-            else:
-                engine.open_session(session_id=sid, system_prompt=system_prompt)
+        # A parked cache under the current epoch resumes bit-exact; anything else is rebuilt from the log.
+        read_log = self.parked.get(sid) != epoch
+        transcript = await self.registry.transcript(sid) if read_log else []
 
         # One residency change at a time: two turns must not both count the same free slot.
         async with self._slots_lock:
@@ -306,31 +312,114 @@ class SinkServeReplica:
             if held == epoch:
                 self.resident.move_to_end(sid)
                 return
-            if held is not None:  # we held it under an older epoch: another replica served it since
-                await self._drop(sid)
-            await self._evict_for_slot()
+            if held is not None or self.parked.get(sid, epoch) != epoch:
+                await self._drop(sid)  # held under an older epoch: another replica served it since
+            resume = self.parked.get(sid) == epoch
+            if not resume and not read_log:  # its parked cache was dropped meanwhile
+                transcript = await self.registry.transcript(sid)
+            token_ids = [t for entry in transcript for t in entry]
+            system_prompt = record.system_prompt or None
+
+            def load(engine: Any) -> None:
+                if resume:
+                    engine.unpark(sid)
+                elif token_ids:
+                    engine.import_session(sid, token_ids)
+                else:
+                    engine.open_session(session_id=sid, system_prompt=system_prompt)
+
+            # Never drops `sid` itself from the parked set: it is active (see _park).
+            await self._evict_for_slot(deadline_unix)
             try:
                 await self.loop.call(load)
             except LoopDead as err:
                 raise ReplicaError(UNAVAILABLE, str(err)) from None
             except Exception as err:  # noqa: BLE001
                 raise _map_engine_error(err) from None
-            if token_ids:
+            if resume:
+                del self.parked[sid]
+                self.resumes += 1
+                self._metrics.count("resumes")
+            elif token_ids:
                 self.rebuilt += 1
+                self._metrics.count("rebuilds")
             self.resident[sid] = epoch
 
-    async def _evict_for_slot(self) -> None:
+    async def _evict_for_slot(self, deadline_unix: float | None = None) -> None:
+        """Make one slot free: park the least recently used idle session, or wait for one to go idle."""
         if self.engine.free_slots > 0:
             return
-        for sid in list(self.resident):  # least recently used first
-            if sid not in self.active:
-                await self._drop(sid)
-                self.evicted += 1
-                return
-        raise ReplicaError(RESOURCE_EXHAUSTED, "every cache slot on this replica is generating; retry shortly")
+        cfg = self.settings.replica
+        if self._waiting >= cfg.admission_queue:
+            raise ReplicaError(
+                RESOURCE_EXHAUSTED, "every cache slot is generating and the wait queue is full", retry_after_s=1.0
+            )
+        give_up = time.monotonic() + cfg.admission_timeout_s
+        if deadline_unix is not None:
+            give_up = min(give_up, time.monotonic() + max(0.0, deadline_unix - time.time()))
+        self._waiting += 1
+        try:
+            while True:
+                if self.engine.free_slots > 0:
+                    return
+                victim = next((sid for sid in self.resident if sid not in self.active), None)
+                if victim is not None:
+                    await self._park(victim)
+                    return
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    raise ReplicaError(
+                        RESOURCE_EXHAUSTED,
+                        f"every cache slot on this replica is generating (waited {cfg.admission_timeout_s:.0f}s "
+                        "at most); retry shortly",
+                        retry_after_s=1.0,
+                    )
+                async with self._slot_released:
+                    try:
+                        await asyncio.wait_for(self._slot_released.wait(), min(remaining, 1.0))
+                    except TimeoutError:
+                        pass
+        finally:
+            self._waiting -= 1
+
+    async def _park(self, session_id: str) -> None:
+        """Give an idle session's slot back, keeping its cache in host memory (bounded, LRU)."""
+        epoch = self.resident.pop(session_id)
+        try:
+            await self.loop.call(lambda engine: engine.park(session_id))
+        except Exception:  # noqa: BLE001 - could not park: drop it, the transcript rebuilds it
+            logger.warning("parking %s failed; dropping its cache", session_id, exc_info=True)
+            self.resident[session_id] = epoch
+            await self._drop(session_id)
+            return
+        self.parked[session_id] = epoch
+        self.parks += 1
+        self._metrics.count("parks")
+        bound = self.settings.replica.park_host_bytes // max(1, int(self.engine.bytes_per_session))
+        while len(self.parked) > bound:
+            oldest = next((sid for sid in self.parked if sid not in self.active), None)
+            if oldest is None:  # every parked session is about to resume
+                break
+            await self._drop(oldest)
+            self.evicted += 1
+            self._metrics.count("drops")
 
     async def _drop(self, session_id: str) -> bool:
         """Take the session out of the engine (aborting a running turn); its transcript stays."""
+        if session_id in self.parked:
+            del self.parked[session_id]
+
+            def close_parked(engine: Any) -> None:
+                try:
+                    engine.close_session(session_id)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+            try:
+                await self.loop.call(close_parked)
+            except LoopDead:
+                pass
+            return True
         if session_id not in self.resident:
             return False
         del self.resident[session_id]
@@ -368,11 +457,28 @@ class SinkServeReplica:
             queue=self.loop.active_turns + self.loop.pending_calls,
             draining=self.draining,
             model=str(self.engine.model_name),
-            extra={"rebuilt": self.rebuilt, "evicted": self.evicted, "steps": self.loop.steps, "pid": os.getpid()},
+            extra={
+                "resident": len(self.resident),
+                "parked": len(self.parked),
+                "parks": self.parks,
+                "resumes": self.resumes,
+                "rebuilt": self.rebuilt,
+                "evicted": self.evicted,
+                "waiting": self._waiting,
+                "steps": self.loop.steps,
+                "pid": os.getpid(),
+            },
         )
 
     async def _report_load(self) -> None:
         interval = self.settings.replica.load_report_interval_s
+        self._metrics.gauges(
+            resident=len(self.resident),
+            parked=len(self.parked),
+            active=len(self.active),
+            waiting=self._waiting,
+            free_slots=self.engine.free_slots,
+        )
         await self.registry.report_load(self._load(), ttl_ms=int(max(3 * interval, 5) * 1000))
 
     async def _heartbeat(self) -> None:
@@ -416,3 +522,42 @@ def _map_engine_error(err: BaseException) -> ReplicaError:
     if isinstance(err, LoopDead):
         return ReplicaError(UNAVAILABLE, str(err))
     return ReplicaError(INTERNAL, f"{type(err).__name__}: {err}")
+
+
+class _ReplicaMetrics:
+    """Prometheus metrics through Ray's metrics API (exported by every Ray node's metrics endpoint)."""
+
+    def __init__(self, replica_id: str):
+        self.tags = {"replica": replica_id}
+        try:
+            from ray.util import metrics
+        except ImportError:  # pragma: no cover - the replica always runs with Ray installed
+            self._sessions = None
+            return
+        keys = ("replica",)
+        self._sessions = metrics.Gauge(
+            "sinkserve_replica_sessions", "sessions on this replica by state", tag_keys=("replica", "state")
+        )
+        self._free = metrics.Gauge("sinkserve_replica_free_slots", "free KV slab slots", tag_keys=keys)
+        self._waiting = metrics.Gauge("sinkserve_replica_waiting_turns", "turns waiting for a slot", tag_keys=keys)
+        self._counters = {
+            name: metrics.Counter(f"sinkserve_replica_{name}_total", help_text, tag_keys=keys)
+            for name, help_text in (
+                ("parks", "idle sessions whose cache moved to host memory"),
+                ("resumes", "parked sessions resumed from host memory"),
+                ("rebuilds", "sessions rebuilt from their transcript"),
+                ("drops", "parked caches dropped for the host-memory bound"),
+            )
+        }
+
+    def count(self, name: str) -> None:
+        if self._sessions is not None:
+            self._counters[name].inc(1, tags=self.tags)
+
+    def gauges(self, resident: int, parked: int, active: int, waiting: int, free_slots: int) -> None:
+        if self._sessions is None:
+            return
+        for state, value in (("resident", resident), ("parked", parked), ("active", active)):
+            self._sessions.set(value, tags={**self.tags, "state": state})
+        self._free.set(free_slots, tags=self.tags)
+        self._waiting.set(waiting, tags=self.tags)
