@@ -8,6 +8,7 @@ separate Locust metrics (request_type / name):
     ITL    / SendMessage   gap between two consecutive text deltas of one reply (one sample per gap)
     TURN   / SendMessage   the whole turn, message sent to final event; failures are named by gRPC status
     SESSION/ CreateSession creating the chat's session
+    CHECK  / GetSession    after every few turns: the registry holds exactly the turns the user saw finish
 
 A turn fails when the call ends with a gRPC error (named by its status code, e.g. RESOURCE_EXHAUSTED),
 when the stream ends without a final event (NO_FINAL), or when the final event shows the session lost
@@ -59,9 +60,13 @@ def _add_options(parser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("SINKSERVE_API_KEY", ""), is_secret=True,
                         help="tenant API key (default: $SINKSERVE_API_KEY)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
     parser.add_argument("--think-min", type=float, default=5.0, help="shortest think time between turns, s")
     parser.add_argument("--think-max", type=float, default=15.0, help="longest think time between turns, s")
     parser.add_argument("--turn-timeout", type=float, default=60.0, help="gRPC deadline of one turn, s")
+    parser.add_argument("--check-every", type=int, default=5,
+                        help="check the session's turn count with GetSession after every N-th turn (0 = never)")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels shared by this process's users")
     parser.add_argument("--summary-json", default="", help="write the run's turn/session counts here at the end")
     parser.add_argument("--seed", type=int, default=0, help="seeds the users' message and think-time choices")
@@ -84,17 +89,22 @@ class RunTally:
         self.outcomes: Counter[str] = Counter()  # "OK" or the failure code, per turn
         self.session_errors: Counter[str] = Counter()
         self.sessions_created = 0
+        self.interrupted = 0  # turns cut off by the end of the run (neither passed nor failed)
         self.turns_per_session: dict[str, int] = {}
         self.completion_tokens = 0
         self.replicas: Counter[str] = Counter()  # turns served per replica
-        self.final_checks: Counter[str] = Counter()  # on_stop GetSession: "match" / "mismatch" / error
+        self.session_checks: Counter[str] = Counter()  # GetSession after a turn: "match" / "mismatch" / status
         self.error_samples: list[str] = []
 
     def failure(self, code: str, details: str) -> None:
         with self.lock:
             self.outcomes[code] += 1
+        self.failure_sample(f"{code}: {details}")
+
+    def failure_sample(self, text: str) -> None:
+        with self.lock:
             if len(self.error_samples) < 20:
-                self.error_samples.append(f"{code}: {details}"[:300])
+                self.error_samples.append(text[:300])
 
     def as_dict(self) -> dict:
         with self.lock:
@@ -105,12 +115,13 @@ class RunTally:
                 "failures_by_code": {code: n for code, n in self.outcomes.items() if code != "OK"},
                 "session_errors_by_code": dict(self.session_errors),
                 "sessions_created": self.sessions_created,
+                "turns_interrupted_at_stop": self.interrupted,
                 "sessions_with_turns": sum(1 for n in turns.values() if n > 0),
                 "max_turns_per_session": max(turns.values(), default=0),
                 "min_turns_per_session": min(turns.values(), default=0),
                 "completion_tokens": self.completion_tokens,
                 "turns_by_replica": dict(self.replicas),
-                "final_session_checks": dict(self.final_checks),
+                "session_checks": dict(self.session_checks),
                 "error_samples": list(self.error_samples),
             }
 
@@ -167,7 +178,6 @@ class EndlessChatUser(User):
         self.turns_done = 0  # turns this user saw finish (the server's count must match)
         self.expected_turn: int | None = None  # None after a failed turn: the server may have recorded it
         self.last_cache_entries = 0
-        self.last_turn_ok = False
 
     def wait_time(self) -> float:
         return self.rng.uniform(self.opts.think_min, self.opts.think_max)
@@ -189,7 +199,9 @@ class EndlessChatUser(User):
         t0 = time.perf_counter()
         request = pb.CreateSessionRequest(
             system_prompt="You are a friendly assistant in a long conversation.",
-            default_settings=pb.GenerationSettings(max_tokens=self.opts.max_tokens, temperature=0.8, top_p=0.95),
+            default_settings=pb.GenerationSettings(
+                max_tokens=self.opts.max_tokens, temperature=self.opts.temperature, top_p=self.opts.top_p
+            ),
             labels={"source": "loadtest"},
         )
         try:
@@ -240,6 +252,8 @@ class EndlessChatUser(User):
             return
         except gevent.GreenletExit:
             call.cancel()  # the run is stopping: hang up instead of leaving the turn to run on
+            with TALLY.lock:
+                TALLY.interrupted += 1
             raise
         if final is None:
             self._failed(started, t0, "NO_FINAL", "stream ended without a final event")
@@ -251,13 +265,14 @@ class EndlessChatUser(User):
         self.turns_done += 1
         self.expected_turn = final.turn + 1
         self.last_cache_entries = final.cache_entries
-        self.last_turn_ok = True
         with TALLY.lock:
             TALLY.outcomes["OK"] += 1
             TALLY.turns_per_session[self.session_id] = self.turns_done
             TALLY.completion_tokens += final.usage.completion_tokens
             TALLY.replicas[final.replica] += 1
         self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, length=final.usage.completion_tokens)
+        if self.opts.check_every and self.turns_done % self.opts.check_every == 0:
+            self._check_session(final.turn)
 
     def _continuity_problem(self, final: pb.TurnFinished) -> str:
         """A session that kept its history numbers its turns 1, 2, 3, ... and its cache never shrinks."""
@@ -271,20 +286,26 @@ class EndlessChatUser(User):
 
     def _failed(self, started: float, t0: float, code: str, details: str) -> None:
         self.expected_turn = None  # resynchronise on the next finished turn
-        self.last_turn_ok = False
         TALLY.failure(code, details)
         self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, exception=GrpcStatus(code, details))
 
-    def on_stop(self) -> None:
-        # The registry must hold exactly the turns this user saw finish (the session was never reset).
-        if self.session_id is None or not self.last_turn_ok:
-            return
+    def _check_session(self, turn: int) -> None:
+        """The registry must hold exactly the turns this user saw finish: the session was never reset and
+        no turn was lost or counted twice, wherever its cache lived in between."""
+        started = time.time()
+        t0 = time.perf_counter()
         try:
             session = self.stub.GetSession(
-                pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata, timeout=10
+                pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata, timeout=self.opts.turn_timeout
             )
-            outcome = "match" if session.turns == self.expected_turn - 1 else "mismatch"
+            outcome = "match" if session.turns == turn else "mismatch"
         except grpc.RpcError as err:
-            outcome = err.code().name
+            outcome, session = err.code().name, None
         with TALLY.lock:
-            TALLY.final_checks[outcome] += 1
+            TALLY.session_checks[outcome] += 1
+        error = None
+        if outcome != "match":
+            seen = f"registry has {session.turns} turns, user saw {turn}" if session is not None else outcome
+            TALLY.failure_sample(f"GetSession {outcome} {self.session_id}: {seen}")
+            error = GrpcStatus(outcome)
+        self._fire("CHECK", "GetSession", started, time.perf_counter() - t0, exception=error)

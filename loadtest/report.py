@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 PERCENTILES = {"p50": "50%", "p90": "90%", "p99": "99%", "max": "100%"}
-METRICS = {"TTFT": "time to first token", "ITL": "inter-token latency", "TURN": "whole turn", "SESSION": "CreateSession"}
+METRICS = {
+    "TTFT": "time to first token",
+    "ITL": "inter-token latency",
+    "TURN": "whole turn",
+    "SESSION": "CreateSession",
+    "CHECK": "GetSession turn-count check",
+}
 ITL_TARGET_MS = 1000.0  # the SmolLM2 target: p99 inter-token latency under 1 s
 FLAT_TOLERANCE = 0.05  # RSS growth after warm-up below 5 % (and below FLAT_MIN_MB) counts as flat
 FLAT_MIN_MB = 25.0
@@ -39,9 +45,45 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _percentile(histogram: dict[str, int], fraction: float) -> float | None:
+    """The smallest recorded value with at least ``fraction`` of the samples at or below it."""
+    points = sorted((float(value), count) for value, count in histogram.items())
+    total = sum(count for _, count in points)
+    if not total:
+        return None
+    seen = 0
+    for value, count in points:
+        seen += count
+        if seen >= fraction * total:
+            return value
+    return points[-1][0]
+
+
 def locust_stats(csv_prefix: Path) -> dict[str, dict[str, float | None]]:
-    """{request_type: {count, failures, avg, p50, p90, p99, max}} in ms, from <prefix>_stats.csv."""
+    """{request_type: {count, failures, avg, p50, p90, p99, max}} in ms over the whole run.
+
+    Read from <prefix>_final.json (Locust's --json-file, written once every user has stopped, with the full
+    response-time histogram); <prefix>_stats.csv is only the fallback, as Locust rewrites it once a second
+    and its last write can miss the final turns."""
+    final = Path(f"{csv_prefix}_final.json")
     out: dict[str, dict[str, float | None]] = {}
+    if final.exists():
+        for entry in json.loads(final.read_text()):
+            kind = entry.get("method", "")
+            if kind not in METRICS:
+                continue
+            histogram = entry.get("response_times") or {}
+            count = int(entry.get("num_requests") or 0)
+            out[kind] = {
+                "count": count,
+                "failures": int(entry.get("num_failures") or 0),
+                "avg": round(entry["total_response_time"] / count, 1) if count else None,
+                "p50": _percentile(histogram, 0.50),
+                "p90": _percentile(histogram, 0.90),
+                "p99": _percentile(histogram, 0.99),
+                "max": round(entry["max_response_time"], 1) if entry.get("max_response_time") is not None else None,
+            }
+        return out
     for row in read_csv(Path(f"{csv_prefix}_stats.csv")):
         kind = row.get("Type", "")
         if kind not in METRICS:
@@ -159,7 +201,9 @@ def step_summary(
     if t0 is None:
         t0 = min((float(r["unix_s"]) for r in samples), default=0.0)
     ramp_s = users / spawn_rate if spawn_rate > 0 else 0.0
-    warmup_s = min(ramp_s + 60.0, duration_s / 2)
+    # Warm-up: the ramp plus a minute, and at least the first 40 % of the run (allocator pools and caches
+    # grow for a while at full load); never more than half of it.
+    warmup_s = min(max(ramp_s + 60.0, 0.4 * duration_s), duration_s / 2)
     memory = memory_summary(samples, t0, warmup_s)
     replicas = replica_counters(samples)
 
@@ -176,13 +220,14 @@ def step_summary(
         "turns": turns_ok + failed,
         "failed_turns": failed,
         "failures_by_code": tally.get("failures_by_code", {}),
+        "turns_interrupted_at_stop": int(tally.get("turns_interrupted_at_stop", 0)),
         "session_create_errors": tally.get("session_errors_by_code", {}),
         "sessions_created": int(tally.get("sessions_created", 0)),
         "sessions_served": sessions_served,
         "turns_per_session_min_max": [tally.get("min_turns_per_session", 0), tally.get("max_turns_per_session", 0)],
         "completion_tokens": int(tally.get("completion_tokens", 0)),
         "tokens_per_s": round(int(tally.get("completion_tokens", 0)) / duration_s, 1) if duration_s else None,
-        "final_session_checks": tally.get("final_session_checks", {}),
+        "session_checks": tally.get("session_checks", {}),
         "ttft_p50_ms": pct("TTFT", "p50"),
         "ttft_p99_ms": pct("TTFT", "p99"),
         "itl_p50_ms": pct("ITL", "p50"),
@@ -326,8 +371,8 @@ def render_markdown(data: dict[str, Any], md_path: Path) -> None:
         "with think time in between and never resets it. Time to first token (TTFT), inter-token latency (ITL,",
         "one sample per gap between streamed deltas) and whole-turn latency are separate Locust metrics; a turn",
         "fails on any gRPC error (counted by status code), on a stream without a final event, or when the final",
-        "event shows the session lost history (turn number not advancing by one, cache shrinking). At the end",
-        "every user checks with GetSession that the registry holds exactly the turns it saw.",
+        "event shows the session lost history (turn number not advancing by one, cache shrinking). After every",
+        "few turns a user also checks with GetSession that the registry holds exactly the turns it saw.",
         "",
         "Reproduce: `make loadtest` (defaults below), or `python -m loadtest.run --help`. Without `--target` the",
         "runner starts the local stack on 127.0.0.1 (redis-server, local Ray, the Serve app, the gateway),",
@@ -354,7 +399,7 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"- stack: {cfg['target']}"
         + (f"; {cfg['replicas']} replica(s) × {cfg['slots']} KV slots" if cfg.get("replicas") else "")
         + (f", cache {cfg['sinks']} sinks + {cfg['window']} window entries per session" if cfg.get("sinks") else ""),
-        f"- each turn: up to {cfg['max_tokens']} new tokens, deadline {cfg['turn_timeout_s']:.0f} s; think time "
+        f"- each turn: up to {cfg['max_tokens']} new tokens ({cfg.get('sampling', 'greedy')}), deadline {cfg['turn_timeout_s']:.0f} s; think time "
         f"{cfg['think_s'][0]:g}–{cfg['think_s'][1]:g} s; spawn rate {cfg['spawn_rate']:g} users/s",
         "",
     ]
@@ -392,6 +437,12 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"| sessions served / KV slots | {head['sessions_served']} / {head['replica_state']['total_slots']} |",
         "",
     ]
+    if head.get("turns_interrupted_at_stop"):
+        lines += [
+            f"{head['turns_interrupted_at_stop']} turns still streaming when the run ended were cut off by the stop "
+            "(counted neither as turns nor as failures).",
+            "",
+        ]
     if head["failures_by_code"] or head["session_create_errors"]:
         codes = ", ".join(f"{code} × {n}" for code, n in head["failures_by_code"].items()) or "none"
         create = ", ".join(f"{code} × {n}" for code, n in head["session_create_errors"].items()) or "none"
@@ -422,8 +473,8 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
     lines += [
         f"Sessions vs slots: {head['sessions_served']} chats were served by {state['total_slots']} KV slots "
         f"(peak {state['peak_resident_sessions']} resident). {slots_line} Replica counters at the end: {counters}. "
-        f"End-of-run GetSession checks: "
-        + (", ".join(f"{k} {v}" for k, v in head["final_session_checks"].items()) or "none")
+        f"GetSession turn-count checks (after every few turns): "
+        + (", ".join(f"{k} {v}" for k, v in head["session_checks"].items()) or "none")
         + ".",
         "",
     ]

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sinks", type=int, default=4, help="attention-sink entries per session (default 4)")
     parser.add_argument("--window", type=int, default=252, help="window entries per session (default 252)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (default 0: greedy, the cheapest sampler; see docs/loadtest.md)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     parser.add_argument("--think-min", type=float, default=5, help="shortest think time between turns, s (default 5)")
     parser.add_argument("--think-max", type=float, default=15, help="longest think time between turns, s (default 15)")
     parser.add_argument("--turn-timeout", type=float, default=60, help="deadline of one turn, s (default 60)")
@@ -71,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.target and not args.api_key:
         parser.error("--target needs --api-key (or SINKSERVE_API_KEY)")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.think_max < args.think_min:
         parser.error("--think-max must be >= --think-min")
     for flag in ("spawn_rate", "duration", "replicas", "slots", "window", "max_tokens", "turn_timeout"):
@@ -96,12 +101,14 @@ def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str,
         "--stop-timeout", str(int(stop_timeout)),
         "--host", address,
         "--csv", str(prefix), "--csv-full-history",
+        "--json-file", f"{prefix}_final",  # Locust appends .json
         "--html", str(out_dir / "locust_report.html"),
         "--logfile", str(out_dir / "locust.log"), "--loglevel", "INFO",
         "--exit-code-on-error", "0",  # failures are counted in the report, not by the exit code
         "--max-tokens", str(args.max_tokens),
         "--think-min", str(args.think_min), "--think-max", str(args.think_max),
         "--turn-timeout", str(args.turn_timeout),
+        "--temperature", str(args.temperature), "--top-p", str(args.top_p),
         "--channels", str(max(1, min(64, users // 25))),
         "--summary-json", str(out_dir / "tally.json"),
         "--seed", str(args.seed),
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             "sinks": args.sinks if not args.target else None,
             "window": args.window if not args.target else None,
             "max_tokens": args.max_tokens,
+            "sampling": "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, top-p {args.top_p:g}",
             "think_s": [args.think_min, args.think_max],
             "turn_timeout_s": args.turn_timeout,
             "spawn_rate": args.spawn_rate,
