@@ -107,7 +107,12 @@ def stack(tiny_checkpoint, redis_server):
     from sinkserve.gateway.server import Gateway
     from sinkserve.replica.local import deploy, start_local_ray
 
-    settings = stack_settings(tiny_checkpoint, redis_server.url)
+    import socket
+
+    with socket.socket() as probe:  # a free loopback port for Ray's Prometheus endpoint
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    settings = stack_settings(tiny_checkpoint, redis_server.url, ray={"metrics_export_port": metrics_port})
     ray_env = start_local_ray(settings, num_cpus=4)
     loop = LoopThread()
     try:

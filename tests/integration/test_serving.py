@@ -370,3 +370,33 @@ def test_deleting_a_session_mid_turn_ends_its_stream(stack, client_factory):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert stack.registry_call("transcript_len", sid) == 0
     assert client.list_sessions().sessions == []
+
+
+def test_replica_metrics_are_exported_in_prometheus_format(stack, client_factory):
+    """Replica session counts (resident / parked / active) and park/resume/rebuild counters reach Ray's
+    Prometheus endpoint on the node (Ray Serve's metrics API)."""
+    import time
+    import urllib.request
+
+    client = client_factory(stack.tenant("metrics"))
+    session = client.create_session()
+    client.chat(session.session_id, "count me", max_tokens=3)
+    url = f"http://127.0.0.1:{stack.settings.ray.metrics_export_port}/metrics"
+    wanted = ("sinkserve_replica_sessions", "sinkserve_replica_free_slots", "sinkserve_replica_waiting_turns")
+    deadline = time.monotonic() + 90  # Ray exports on an interval of several seconds
+
+    def resident_sessions(body: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines()
+            if line.startswith("ray_sinkserve_replica_sessions{") and 'state="resident"' in line
+        )
+
+    body = ""
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if all(name in body for name in wanted) and resident_sessions(body) >= 1:
+            break
+        time.sleep(2)
+    assert all(name in body for name in wanted), body[-2000:]
+    assert resident_sessions(body) >= 1
