@@ -31,6 +31,8 @@ class Plan:
     long_tokens: int  # the beyond-pretraining-length stream (dense vs streaming)
     long_cache: int
     ppl_chunk: int = 256
+    cache_size_tokens: int = 0  # tokens for the cache-size table (0: ppl_tokens); must exceed the biggest cache
+    long_chunk: int = 256
     # speed
     latency_cache_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
     latency_decode_tokens: int = 32  # streaming and HF dense decode tokens per cache size
@@ -44,6 +46,7 @@ class Plan:
     constant_message_tokens: int = 2048  # text fed per turn (chunked prefill) between decode probes
     constant_probe_tokens: int = 16  # decode tokens generated (and timed) per turn
     constant_tiny_probe_tokens: int = 64
+    constant_max_minutes: float = 45.0  # wall-clock cap per constant-cost stream; the report states any shortfall
     bandwidth_mib: int = 512
     profile_steps: int = 5
 
@@ -51,36 +54,46 @@ class Plan:
     def full(cls) -> "Plan":
         return cls(
             name="full",
-            ppl_tokens=4000,
+            ppl_tokens=2000,
             ppl_cache=256,
-            recompute_ppl_tokens=4000,
+            recompute_ppl_tokens=1000,
             cache_sizes_ppl=[256, 512, 1024, 2048],
+            cache_size_tokens=4096,
             sink_counts=[0, 1, 2, 4, 8],
-            long_tokens=24_576,
+            long_tokens=20_480,
             long_cache=1024,
+            long_chunk=1020,
         )
 
     @classmethod
     def quick(cls) -> "Plan":
+        # Every experiment, smaller: caches below the full run's, the long stream stops short of the
+        # pretraining length, the latency sweep stops at 1024. Finishes in under 10 minutes.
         return cls(
             name="quick",
-            ppl_tokens=1000,
-            ppl_cache=256,
-            recompute_ppl_tokens=1000,
-            cache_sizes_ppl=[256, 512, 1024, 2048],
-            sink_counts=[0, 1, 2, 4, 8],
-            long_tokens=12_288,
-            long_cache=1024,
-            latency_decode_tokens=12,
-            latency_recompute_tokens=3,
-            throughput_decode_steps=12,
-            constant_tiny_tokens=100_000,
-            constant_model_tokens=10_000,
-            constant_message_tokens=1024,
-            constant_probe_tokens=8,
-            constant_tiny_probe_tokens=32,
+            ppl_tokens=400,
+            ppl_cache=64,
+            recompute_ppl_tokens=128,
+            cache_sizes_ppl=[32, 64, 128],
+            sink_counts=[0, 1, 4],
+            long_tokens=1024,
+            long_cache=128,
+            ppl_chunk=128,
+            long_chunk=128,
+            latency_cache_sizes=[256, 512, 1024],
+            latency_decode_tokens=6,
+            latency_recompute_tokens=1,
+            throughput_sessions=[1, 4, 16],
+            throughput_decode_steps=6,
+            constant_tiny_tokens=30_000,
+            constant_model_tokens=2_000,
+            constant_cache=256,
+            constant_message_tokens=512,
+            constant_probe_tokens=4,
+            constant_tiny_probe_tokens=16,
+            constant_max_minutes=2.0,
             bandwidth_mib=256,
-            profile_steps=3,
+            profile_steps=2,
         )
 
     @classmethod

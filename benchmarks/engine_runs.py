@@ -54,18 +54,21 @@ def decode_step_times(engine, session_id: str, message: str, decode_tokens: int)
     engine.add_message(session_id, message, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True))
     prefill_s = 0.0
     decode_s: list[float] = []
+    decode_cpu_s: list[float] = []  # CPU time of this process (all threads): what contention cannot inflate
     produced = 0
     while engine.has_work():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outs = engine.step()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         mine = [o for o in outs if o.session_id == session_id and o.token_id is not None]
         if produced == 0:
             prefill_s += elapsed
         elif mine:
             decode_s.append(elapsed)
+            decode_cpu_s.append(cpu)
         produced += len(mine)
-    return {"prefill_s": prefill_s, "step_s": decode_s, "median_step_s": median(decode_s), "tokens": produced}
+    return {"prefill_s": prefill_s, "step_s": decode_s, "median_step_s": median(decode_s),
+            "median_cpu_s": median(decode_cpu_s), "tokens": produced}
 
 
 def fill_session(engine, session_id: str, token_ids: list[int]) -> str:

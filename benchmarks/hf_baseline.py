@@ -19,9 +19,11 @@ class _StepClock:
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         return scores
 
 
@@ -53,10 +55,12 @@ class HFBaseline:
             pad_token_id=pad_id,
         )
         steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        cpu_steps = [b - a for a, b in zip(clock.cpu_stamps, clock.cpu_stamps[1:])]
         return {
             "prefill_s": clock.stamps[0] - start if clock.stamps else float("nan"),
             "step_s": steps,
             "median_step_s": median(steps),
+            "median_cpu_s": median(cpu_steps),
             "batch": int(input_ids.shape[0]),
             "prompt_tokens": int(input_ids.shape[1]),
         }

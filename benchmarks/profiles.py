@@ -10,7 +10,8 @@ from benchmarks.speed import PROMPTS, _text_ids
 def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int):
     from sinkserve.engine import SamplingParams
 
-    engine = load(model, Geometry("streaming", cache), max_sessions=sessions)
+    engine = load(model, Geometry("streaming", cache), max_sessions=sessions, prefill_chunk=cache,
+                  max_step_tokens=max(2048, cache + 256))
     params = SamplingParams(max_tokens=steps * 4 + 64, ignore_eos=True)
     if sessions == 1:
         ids = _text_ids(engine.tokenizer, text, cache + 128)
@@ -35,7 +36,8 @@ def run_profiles(model: str, text: str, plan: Plan) -> dict:
     largest = max(plan.latency_cache_sizes)
     shapes = [
         ("decode_b1", f"one session decoding, streaming cache {largest}", largest, 1),
-        ("decode_b64", f"64 sessions decoding, streaming cache {plan.throughput_cache}", plan.throughput_cache, 64),
+        ("decode_batched", f"{max(plan.throughput_sessions)} sessions decoding, streaming cache "
+         f"{plan.throughput_cache}", plan.throughput_cache, max(plan.throughput_sessions)),
     ]
     for key, title, cache, sessions in shapes:
         log(f"profiling {title}")

@@ -20,7 +20,8 @@ def _ppl_of(nlls: list[float], count: int | None = None) -> float:
 def _evaluate(model: str, geometry: Geometry, text: str, tokens: int, chunk: int) -> dict:
     from sinkserve.engine.ppl import evaluate_ppl
 
-    engine = load(model, geometry, prefill_chunk=chunk)
+    # recompute scores many positions at once, one slot per position: more slots, bigger batched forwards
+    engine = load(model, geometry, prefill_chunk=chunk, max_sessions=8 if geometry.policy == "recompute" else 1)
     log(f"ppl {geometry.label}: {tokens} tokens")
     with Stopwatch() as watch:
         result = evaluate_ppl(engine, text, max_tokens=tokens, chunk=chunk, progress=True)
@@ -87,13 +88,18 @@ def sinks_table(model: str, text: str, plan: Plan, reuse: dict | None = None) ->
     return {"cache": plan.ppl_cache, "tokens": plan.ppl_tokens, "rows": rows}
 
 
-def cache_size_table(model: str, text: str, plan: Plan, dense_ppl: float | None) -> dict:
+def cache_size_table(model: str, text: str, plan: Plan, dense_nlls: list[float]) -> dict:
     rows = []
+    tokens = plan.cache_size_tokens or plan.ppl_tokens
     for cache in plan.cache_sizes_ppl:
-        row = _strip(_evaluate(model, Geometry("streaming", cache), text, plan.ppl_tokens, plan.ppl_chunk))
-        row["vs_dense"] = row["ppl"] / dense_ppl if dense_ppl else None
+        run = _evaluate(model, Geometry("streaming", cache), text, tokens, plan.ppl_chunk)
+        row = _strip(run)
+        # dense is scored on the policy table's tokens: compare on those
+        common = min(len(run["nlls"]), len(dense_nlls))
+        row["ppl_vs_dense_tokens"] = common + 1
+        row["vs_dense"] = _ppl_of(run["nlls"], common) / _ppl_of(dense_nlls, common)
         rows.append(row)
-    return {"sinks": 4, "tokens": plan.ppl_tokens, "dense_ppl": dense_ppl, "rows": rows}
+    return {"sinks": 4, "tokens": tokens, "rows": rows}
 
 
 def binned_ppl(nlls: list[float], bin_tokens: int) -> list[dict]:
@@ -110,8 +116,8 @@ def binned_ppl(nlls: list[float], bin_tokens: int) -> list[dict]:
 def long_stream(model: str, text: str, plan: Plan, context_length: int) -> dict:
     """Past the pretraining length: dense (allowed past the model's context) vs streaming, per position."""
     tokens = plan.long_tokens
-    dense = _evaluate(model, Geometry("dense", tokens + 8), text, tokens, plan.ppl_chunk)
-    streaming = _evaluate(model, Geometry("streaming", plan.long_cache), text, tokens, plan.ppl_chunk)
+    dense = _evaluate(model, Geometry("dense", tokens + 8), text, tokens, plan.long_chunk)
+    streaming = _evaluate(model, Geometry("streaming", plan.long_cache), text, tokens, plan.long_chunk)
     bin_tokens = max(16, min(1024, tokens // 16))
     result = {
         "tokens": tokens,

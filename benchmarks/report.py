@@ -59,6 +59,10 @@ def _machine(meta: dict) -> list[str]:
                              "(1-minute, sampled during the run)"],
         ],
     )
+    by_section = {k: v for k, v in (meta.get("other_cores_by_section") or {}).items() if v is not None}
+    if by_section:
+        lines += ["CPU cores kept busy by other processes (mean, per section): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in by_section.items()) + ".", ""]
     if meta.get("contended"):
         lines += [
             f"> **Shared machine.** The 1-minute load average reached {_num(meta['load_max'])} on "
@@ -112,6 +116,7 @@ def _quality(q: dict, imgs: dict) -> list[str]:
     sizes = q.get("cache_sizes")
     if sizes:
         lines += ["### Cache size with 4 sinks (paper Table 6)", ""]
+        lines += ["`vs dense` compares both on the tokens dense was scored on (the policy table's).", ""]
         lines += _table(["cache", "geometry", f"PPL, {sizes['tokens']:,} tokens", "vs dense"],
                         [[r["cache"], r["label"], _num(r["ppl"]),
                           f"{r['vs_dense']:.3f}x" if r.get("vs_dense") else "–"] for r in sizes["rows"]])
@@ -150,11 +155,19 @@ def _speed(results: dict, imgs: dict) -> list[str]:
         ]
         rows = []
         for r in lat["rows"]:
-            rows.append([r["cache"], _num(r["streaming"]["median_ms"], 1), _num(r["recompute"]["median_ms"], 0),
-                         _num(r["hf_dense"]["median_ms"], 1), f"{r['recompute_over_streaming']:.1f}x",
+            rows.append([r["cache"], _num(r["streaming"]["median_ms"], 1), _num(r["streaming"].get("min_ms"), 1),
+                         _num(r["streaming"].get("cpu_ms"), 1),
+                         _num(r["recompute"]["median_ms"], 0), _num(r["hf_dense"]["median_ms"], 1),
+                         _num(r["hf_dense"].get("min_ms"), 1), _num(r["hf_dense"].get("cpu_ms"), 1),
+                         f"{r['recompute_over_streaming']:.1f}x",
                          f"{r['hf_dense_over_streaming']:.2f}x", _num(r["streaming"]["bytes_per_session"] / 2**20, 1)])
-        lines += _table(["cache", "streaming ms", "recompute ms", "HF dense ms", "recompute / streaming",
-                         "HF dense / streaming", "KV MiB / session"], rows)
+        lines += _table(["cache", "streaming ms", "(best)", "(CPU ms)", "recompute ms", "HF dense ms", "(best)",
+                         "(CPU ms)", "recompute / streaming", "HF dense / streaming", "KV MiB / session"], rows)
+        lines += ["Ratios use medians of wall time; `(best)` is the fastest single step, closer to the cost on an "
+                  "idle machine; `(CPU ms)` is the CPU time this process spent per step, all threads together "
+                  "(on an idle machine about threads x wall). Recompute times "
+                  f"{', '.join(str(r['recompute']['steps']) for r in lat['rows'])} step(s) per size: each is a "
+                  "full re-encode of the cache.", ""]
         if "latency" in imgs:
             lines += [f"![latency vs cache size](img/{imgs['latency']})", ""]
     bw = results.get("bandwidth")
@@ -195,6 +208,11 @@ def _speed(results: dict, imgs: dict) -> list[str]:
         lines += _table(["model", "tokens", "cache", "per turn: text + decoded", "decode ms, first 10k",
                          "decode ms, last tenth", "ratio", "RSS MiB, first 10k", "RSS MiB, last tenth", "ratio"],
                         rows)
+        for run in const.values():
+            if run.get("stopped_by_time_cap"):
+                lines += [f"- {run['label']}: stopped by the {run['max_minutes']:g}-minute cap at "
+                          f"{run['total_tokens']:,} of {run['target_tokens']:,} tokens."]
+        lines += [""]
         for key in const:
             if f"constant_{key}" in imgs:
                 lines += [f"![constant cost {key}](img/{imgs[f'constant_{key}']})", ""]

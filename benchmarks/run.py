@@ -160,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     imgs: dict[str, str] = {}
     monitor = ContentionMonitor().start()
 
+    section_marks: dict[str, int] = {}
+
+    def mark(section: str) -> None:
+        """Remember where `section` starts in the contention samples; close the previous one."""
+        if section_marks:
+            last = list(section_marks)[-1]
+            part = monitor.other_cores[section_marks[last]:]
+            results["meta"].setdefault("other_cores_by_section", {})[last] = (
+                sum(part) / len(part) if part else None)
+        section_marks[section] = len(monitor.other_cores)
+
     def flush(final: bool = False) -> None:
         results["meta"]["wall_s"] = time.time() - started
         usage = monitor.stop() if final else {
@@ -190,30 +201,17 @@ def main(argv: list[str] | None = None) -> int:
             hf = HFBaseline(checkpoint)
         return hf
 
+    # cheapest and most looked-at first: a run cut short still leaves the headline figures
     if "bandwidth" in sections:
+        mark("bandwidth")
         from benchmarks.bandwidth import measure_bandwidth
 
         log("memory bandwidth")
         results["bandwidth"] = measure_bandwidth(plan.bandwidth_mib)
         flush()
 
-    if "quality" in sections:
-        from benchmarks import quality
-
-        q = results.setdefault("quality", {})
-        q["policies"] = quality.policies_table(model, text, plan)
-        flush()
-        q["sinks"] = quality.sinks_table(model, text, plan)
-        flush()
-        dense_row = next(r for r in q["policies"]["rows"] if r["policy"] == "dense")
-        q["cache_sizes"] = quality.cache_size_table(model, text, plan, dense_row["ppl"])
-        imgs["quality"] = plots.plot_quality_tables(q["policies"], q["sinks"], img_dir / "ppl_policies_sinks.png")
-        flush()
-        q["long"] = quality.long_stream(model, text, plan, _context_length(checkpoint))
-        imgs["long"] = plots.plot_long_stream(q["long"], img_dir / "ppl_long_stream.png", model_label)
-        flush()
-
     if "latency" in sections:
+        mark("latency")
         from benchmarks import speed
 
         results["latency"] = speed.decode_latency(model, checkpoint, text, plan, get_hf())
@@ -224,7 +222,39 @@ def main(argv: list[str] | None = None) -> int:
                                              img_dir / "latency_vs_cache.png", model_label)
         flush()
 
+    if "throughput" in sections:
+        mark("throughput")
+        from benchmarks import speed
+
+        results["throughput"] = speed.batched_throughput(model, plan, get_hf())
+        imgs["throughput"] = plots.plot_throughput(results["throughput"], img_dir / "throughput.png", model_label)
+        flush()
+
+    if "profiles" in sections:
+        mark("profiles")
+        from benchmarks import profiles
+
+        results["profiles"] = profiles.run_profiles(model, text, plan)
+        flush()
+
+    if "quality" in sections:
+        mark("quality")
+        from benchmarks import quality
+
+        q = results.setdefault("quality", {})
+        q["policies"] = quality.policies_table(model, text, plan)
+        flush()
+        q["sinks"] = quality.sinks_table(model, text, plan)
+        flush()
+        q["cache_sizes"] = quality.cache_size_table(model, text, plan, q["policies"]["_nlls"]["dense"])
+        imgs["quality"] = plots.plot_quality_tables(q["policies"], q["sinks"], img_dir / "ppl_policies_sinks.png")
+        flush()
+        q["long"] = quality.long_stream(model, text, plan, _context_length(checkpoint))
+        imgs["long"] = plots.plot_long_stream(q["long"], img_dir / "ppl_long_stream.png", model_label)
+        flush()
+
     if "constant" in sections:
+        mark("constant")
         from benchmarks import speed
         from sinkserve.engine.testing import make_tiny_checkpoint
 
@@ -240,19 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         imgs["constant_model"] = plots.plot_constant_cost(const["model"], img_dir / "constant_cost_model.png")
         flush()
 
-    if "throughput" in sections:
-        from benchmarks import speed
-
-        results["throughput"] = speed.batched_throughput(model, plan, get_hf())
-        imgs["throughput"] = plots.plot_throughput(results["throughput"], img_dir / "throughput.png", model_label)
-        flush()
-
-    if "profiles" in sections:
-        from benchmarks import profiles
-
-        results["profiles"] = profiles.run_profiles(model, text, plan)
-        flush()
-
+    mark("end")
     flush(final=True)
     log(f"done in {(time.time() - started) / 60:.1f} min: {out / 'benchmarks.md'}")
     for target in results["targets"]:

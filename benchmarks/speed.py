@@ -34,15 +34,23 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
     ids = _text_ids(hf.tokenizer, text, max_cache + 256)
     for cache in tqdm(plan.latency_cache_sizes, desc="latency vs cache size", unit="size"):
         row: dict = {"cache": cache, "load_avg": load_average()}
-        for policy, tokens in (("streaming", plan.latency_decode_tokens), ("recompute", plan.latency_recompute_tokens)):
-            engine = load(model, Geometry(policy, cache))
+        # recompute re-encodes the whole cache per token: at the big sizes one timed token is all we can afford
+        recompute_tokens = plan.latency_recompute_tokens if cache < 2048 else 1
+        for policy, tokens in (("streaming", plan.latency_decode_tokens), ("recompute", recompute_tokens)):
+            # big prefill chunks: the rebuild below takes a few steps, not cache / 256
+            chunk = min(cache, 1024)
+            engine = load(model, Geometry(policy, cache), prefill_chunk=chunk, max_step_tokens=chunk + 256)
             sid = fill_session(engine, f"lat-{policy}-{cache}", ids[: cache + 128])
-            # a first short turn absorbs the lazy re-ingest, so the timed turn starts from a warm, full cache
-            decode_step_times(engine, sid, CONTINUE_MESSAGE, 1)
+            if policy != "recompute":
+                # a first short turn absorbs the lazy re-ingest, so the timed turn starts from a warm, full
+                # cache (recompute re-encodes everything every step anyway)
+                decode_step_times(engine, sid, CONTINUE_MESSAGE, 1)
             timing = decode_step_times(engine, sid, CONTINUE_MESSAGE, tokens)
             info = engine.session_info(sid)
             row[policy] = {
                 "median_ms": timing["median_step_s"] * 1e3,
+                "min_ms": min(timing["step_s"]) * 1e3,
+                "cpu_ms": timing["median_cpu_s"] * 1e3,
                 "steps": len(timing["step_s"]),
                 "cache_entries": info.cache_entries,
                 "bytes_per_session": int(engine.bytes_per_session),
@@ -50,7 +58,9 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
             del engine
         prompt = torch.tensor([ids[:cache]], dtype=torch.long)
         hf_timing = hf.decode_step_times(prompt, plan.latency_decode_tokens + 1)
-        row["hf_dense"] = {"median_ms": hf_timing["median_step_s"] * 1e3, "steps": len(hf_timing["step_s"])}
+        row["hf_dense"] = {"median_ms": hf_timing["median_step_s"] * 1e3, "min_ms": min(hf_timing["step_s"]) * 1e3,
+                           "cpu_ms": hf_timing["median_cpu_s"] * 1e3,
+                           "steps": len(hf_timing["step_s"])}
         row["recompute_over_streaming"] = row["recompute"]["median_ms"] / row["streaming"]["median_ms"]
         row["hf_dense_over_streaming"] = row["hf_dense"]["median_ms"] / row["streaming"]["median_ms"]
         log(
@@ -137,7 +147,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     """
     from sinkserve.engine import SamplingParams
 
-    engine = load(model, Geometry("streaming", plan.constant_cache))
+    engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache)
     tokenizer = engine.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens
@@ -148,7 +158,8 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     seen = 0
     wall_start = time.perf_counter()
     bar = tqdm(total=total_tokens, desc=f"constant cost ({label})", unit="tok", unit_scale=True)
-    while seen < total_tokens:
+    deadline = wall_start + plan.constant_max_minutes * 60
+    while seen < total_tokens and time.perf_counter() < deadline:
         if cursor + message_len > len(ids):
             cursor = 0
         message = tokenizer.decode(ids[cursor : cursor + message_len])
@@ -189,6 +200,9 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
         "model": model_name,
         "cache": plan.constant_cache,
         "total_tokens": seen,
+        "target_tokens": total_tokens,
+        "stopped_by_time_cap": seen < total_tokens,
+        "max_minutes": plan.constant_max_minutes,
         "message_tokens": message_len,
         "probe_tokens": probe_tokens,
         "bytes_per_session": bytes_per_session,

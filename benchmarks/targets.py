@@ -78,5 +78,5 @@ def evaluate_targets(results: dict) -> list[dict]:
         if row64:
             out.append(_target("throughput_64", "64 concurrent sessions, total decode tokens/s (DESIGN §6)",
                                ">= 300 tok/s", f"{row64['tokens_per_s']:.0f} tok/s", row64["tokens_per_s"] >= 300,
-                               "decode_b64"))
+                               "decode_batched"))
     return out

@@ -74,7 +74,7 @@ def test_speed_sections_cover_the_plan(smoke_run):
     assert max(s["cache_entries"] for s in tiny["samples"]) <= plan["constant_cache"]
     assert {t["key"] for t in data["targets"]} >= {"ppl_streaming_vs_recompute", "latency_streaming_abs",
                                                    "single_vs_hf", "constant_tiny"}
-    assert set(data["profiles"]) == {"decode_b1", "decode_b64"}
+    assert set(data["profiles"]) == {"decode_b1", "decode_batched"}
 
 
 def test_unknown_section_is_a_clear_error(capsys):
