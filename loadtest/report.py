@@ -170,18 +170,23 @@ def replica_counters(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for key, value in extra.items():
             if key != "pid" and isinstance(value, (int, float)):
                 totals[key] = totals.get(key, 0) + value
-    peak_resident = 0
-    by_time: dict[float, int] = {}
+    # Gauges summed over the replicas at each sampling time; their peaks over the run.
+    by_time: dict[float, dict[str, int]] = {}
     for row in rows:
-        by_time[float(row["unix_s"])] = by_time.get(float(row["unix_s"]), 0) + int(row.get("sessions") or 0)
-    if by_time:
-        peak_resident = max(by_time.values())
+        extra = row.get("extra") or "{}"
+        extra = json.loads(extra) if isinstance(extra, str) else extra
+        slot = by_time.setdefault(float(row["unix_s"]), {"resident": 0, "parked": 0})
+        slot["resident"] += int(row.get("sessions") or 0)
+        slot["parked"] += int(extra.get("parked") or 0)
     return {
         "replicas": len(last),
         "total_slots": slots,
-        "peak_resident_sessions": peak_resident,
+        "peak_resident_sessions": max((v["resident"] for v in by_time.values()), default=0),
+        "peak_parked_sessions": max((v["parked"] for v in by_time.values()), default=0),
         "counters": totals,
-        "parking_reported": any("park" in key for key in totals),
+        # The replicas count parks/resumes once they support parking (issue 6).
+        "parking_supported": "parks" in totals,
+        "parked_and_resumed": totals.get("parks", 0) > 0 and totals.get("resumes", 0) > 0,
     }
 
 
@@ -463,11 +468,19 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         ]
     state = head["replica_state"]
     counters = ", ".join(f"{k} {int(v)}" for k, v in sorted(state["counters"].items())) or "none reported"
-    if state["parking_reported"]:
-        slots_line = "Idle sessions were parked off their KV slots and resumed on their next turn."
+    parks, resumes = int(state["counters"].get("parks", 0)), int(state["counters"].get("resumes", 0))
+    rebuilt = int(state["counters"].get("rebuilt", 0))
+    if parks:
+        slots_line = (
+            f"Idle sessions gave their slots up {parks} times (cache parked in host memory, peak "
+            f"{state['peak_parked_sessions']} parked at once) and resumed from there {resumes} times; "
+            f"{rebuilt} were rebuilt from their transcript."
+        )
+    elif state["parking_supported"]:
+        slots_line = "Every chat had a slot of its own, so no session needed parking."
     else:
         slots_line = (
-            "The replicas do not report parking yet: an idle session gives its slot up by being dropped and is "
+            "The replicas do not report parking: an idle session gives its slot up by being dropped and is "
             "rebuilt from its transcript in Redis on its next turn."
         )
     lines += [
@@ -481,3 +494,49 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
     for image in run.get("images", []):
         lines += [f"![{name}]({image})", ""]
     return lines
+
+
+def refresh_run(run: dict[str, Any], root: Path) -> None:
+    """Recompute a run's steps and headline from its raw output (after a change to this module)."""
+    results = root / run["results_dir"]
+    cfg = run["config"]
+    steps = []
+    for old in run["steps"]:
+        step_dir = results if len(run["steps"]) == 1 else results / f"u{old['users']}"
+        samples = read_csv(step_dir / "replicas.csv")
+        tally = json.loads((step_dir / "tally.json").read_text())
+        steps.append(step_summary(old["users"], cfg["duration_s"], cfg["spawn_rate"], step_dir / "locust", tally, samples))
+    headline_users = run["headline"]["users"]
+    run["steps"] = steps
+    run["headline"] = next(s for s in steps if s["users"] == headline_users)
+    passing = [s["users"] for s in steps if passes_itl_target(s)]
+    run["largest_passing_users"] = max(passing) if passing else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render docs/loadtest.md from docs/loadtest.json, optionally setting a run's note first."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=main.__doc__)
+    parser.add_argument("--docs-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--note", nargs=2, metavar=("RUN", "TEXT"), help="set the note printed above RUN's figures")
+    parser.add_argument("--refresh", action="store_true",
+                        help="recompute every run's figures from its raw files in loadtest/results/ first")
+    args = parser.parse_args(argv)
+    json_path = args.docs_dir / "loadtest.json"
+    data = json.loads(json_path.read_text())
+    if args.refresh:
+        for run in data.get("runs", {}).values():
+            refresh_run(run, Path(__file__).resolve().parent.parent)
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+    if args.note:
+        name, text = args.note
+        if name not in data.get("runs", {}):
+            parser.error(f"no run {name!r} in {json_path} (runs: {', '.join(data.get('runs', {})) or 'none'})")
+        data["runs"][name]["note"] = text
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+    render_markdown(data, args.docs_dir / "loadtest.md")
+
+
+if __name__ == "__main__":
+    main()
