@@ -188,6 +188,15 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
         await registry.close()
 
 
+async def _stop_sharing(replica, engine) -> None:
+    """Stop a test replica and free the module-shared engine's slots for the next test."""
+    replica._beat_task.cancel()
+    replica.loop.stop()
+    for sid in engine.sessions():
+        engine.close_session(sid)
+    await replica.registry.close()
+
+
 async def _greedy_turn(replica, sid: str, text: str) -> list[dict]:
     params = {"max_tokens": 12, "ignore_eos": True}
     return [event async for event in replica.chat(session_id=sid, text=text, params=params)]
@@ -234,14 +243,7 @@ async def test_parked_sessions_resume_exactly_and_are_reported(redis_server, tin
         assert report.extra["parked"] == 3 and report.extra["resident"] == 2
         assert report.extra["parks"] >= 6 and report.extra["resumes"] >= 3 and report.extra["rebuilt"] == 0
     finally:
-        replica._beat_task.cancel()
-        replica.loop.stop()
-        for sid in list(replica.resident) + list(replica.parked):
-            try:
-                tiny_engine.close_session(sid)
-            except Exception:
-                pass
-        await registry.close()
+        await _stop_sharing(replica, tiny_engine)
 
 
 async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_engine):
@@ -278,11 +280,4 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
         events = await waiting
         assert events[-1]["final"]["turn"] == 1
     finally:
-        replica._beat_task.cancel()
-        replica.loop.stop()
-        for sid in list(replica.resident) + list(replica.parked):
-            try:
-                tiny_engine.close_session(sid)
-            except Exception:
-                pass
-        await registry.close()
+        await _stop_sharing(replica, tiny_engine)
