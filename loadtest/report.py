@@ -241,6 +241,7 @@ def step_summary(
         "turn_p99_ms": pct("TURN", "p99"),
         "create_session_p99_ms": pct("SESSION", "p99"),
         "peak_replica_rss_mb": memory.get("peak_replica_rss_mb"),
+        "machine_load_avg": _mean_load(samples),
         "memory": memory,
         "replica_state": replicas,
         "more_sessions_than_slots": bool(replicas["total_slots"]) and sessions_served > replicas["total_slots"],
@@ -248,6 +249,12 @@ def step_summary(
         "error_samples": tally.get("error_samples", [])[:5],
     }
     return summary
+
+
+def _mean_load(samples: list[dict[str, Any]]) -> float | None:
+    loads = [_number(str(r.get("loadavg_1m"))) for r in samples if r.get("loadavg_1m") not in (None, "")]
+    loads = [x for x in loads if x is not None]
+    return round(statistics.mean(loads), 1) if loads else None
 
 
 def passes_itl_target(step: dict[str, Any]) -> bool:
@@ -411,14 +418,14 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
     steps = run["steps"]
     if len(steps) > 1:
         lines += [
-            "| chats | turns | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tokens/s | peak replica RSS |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| chats | turns | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tokens/s | peak replica RSS | load avg |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in steps:
             lines.append(
                 f"| {s['users']} | {s['turns']} | {s['failed_turns']} | {_ms(s['ttft_p50_ms'])} | "
                 f"{_ms(s['ttft_p99_ms'])} | {_ms(s['itl_p50_ms'])} | {_ms(s['itl_p99_ms'])} | "
-                f"{s['tokens_per_s']} | {_mb(s['peak_replica_rss_mb'])} |"
+                f"{s['tokens_per_s']} | {_mb(s['peak_replica_rss_mb'])} | {s.get('machine_load_avg') or '–'} |"
             )
         best = run.get("largest_passing_users")
         lines += [
@@ -440,8 +447,10 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"| generated tokens / s | {head['tokens_per_s']} |",
         f"| peak replica RSS | {_mb(head['peak_replica_rss_mb'])} |",
         f"| sessions served / KV slots | {head['sessions_served']} / {head['replica_state']['total_slots']} |",
-        "",
     ]
+    if head.get("machine_load_avg") is not None:
+        lines.append(f"| machine load average during the run (1 min, all processes) | {head['machine_load_avg']} |")
+    lines.append("")
     if head.get("turns_interrupted_at_stop"):
         lines += [
             f"{head['turns_interrupted_at_stop']} turns still streaming when the run ended were cut off by the stop "

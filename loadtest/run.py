@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,10 @@ def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str,
             process.kill()
             process.wait()
             raise RuntimeError(f"locust did not stop after {args.duration:.0f}s (see {out_dir}/locust.out)")
+        except BaseException:  # interrupted: Locust must not outlive the run (or the stack it talks to)
+            process.terminate()
+            process.wait(30)
+            raise
     if process.returncode != 0:
         tail = (out_dir / "locust.out").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"locust exited with {process.returncode}:\n{tail}")
@@ -133,8 +138,13 @@ def _print(message: str) -> None:
     print(f"[loadtest] {message}", flush=True)
 
 
+def _sigterm(*_) -> None:
+    raise KeyboardInterrupt  # so `timeout` or a kill by pid still stops the stack this run started
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.results_dir.mkdir(parents=True, exist_ok=True)

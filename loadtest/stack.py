@@ -197,7 +197,10 @@ class MemorySampler(threading.Thread):
     """Every ``period_s``: each replica's load report from Redis (sessions, free slots, rebuilt, ...) and
     the RSS of its process (the report carries the pid; only meaningful when the replicas run here)."""
 
-    FIELDS = ("unix_s", "replica", "pid", "rss_mb", "sessions", "owned", "free_slots", "max_sessions", "queue", "extra")
+    FIELDS = (
+        "unix_s", "replica", "pid", "rss_mb", "sessions", "owned", "free_slots", "max_sessions", "queue", "extra",
+        "loadavg_1m",  # this machine's, to tell a slow stack from a busy machine
+    )  # fmt: skip
 
     def __init__(self, redis_url: str, key_prefix: str, out_csv: Path, period_s: float = 2.0, local: bool = True):
         super().__init__(name="replica-memory-sampler", daemon=True)
@@ -226,6 +229,7 @@ class MemorySampler(threading.Thread):
 
     def _sample(self, client, psutil) -> None:
         now = round(time.time(), 1)
+        load_1m = round(os.getloadavg()[0], 2)
         for key in client.scan_iter(match=f"{self.key_prefix}:r:*", count=100):
             if key.endswith(b":sessions"):
                 continue
@@ -253,6 +257,7 @@ class MemorySampler(threading.Thread):
                     "max_sessions": report.get("max_sessions"),
                     "queue": report.get("queue"),
                     "extra": json.dumps(extra, sort_keys=True),
+                    "loadavg_1m": load_1m,
                 }
             )
 
