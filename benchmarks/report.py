@@ -291,6 +291,11 @@ def write_markdown(results: dict, imgs: dict, path: Path) -> None:
         "```",
         "",
     ]
+    if not meta.get("finished"):
+        done = meta.get("sections_done") or []
+        pending = [name for name in meta.get("sections", []) if name not in done]
+        lines += [f"> **Run in progress or cut short.** Sections measured (the last possibly in part): "
+                  f"{', '.join(done) or 'none'}; not measured: {', '.join(pending) or 'none'}.", ""]
     lines += _machine(meta)
     lines += _targets(results.get("targets", []))
     if results.get("quality"):

@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results["meta"].update(usage)
         results["meta"]["contended"] = usage["other_cores_mean"] > 0.25
+        # every flush follows a finished piece of work; the last section listed may still be partial
+        results["meta"]["sections_done"] = [name for name in section_marks if name != "end"]
         if final:
             results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         results["targets"] = evaluate_targets(results)
