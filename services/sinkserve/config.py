@@ -116,6 +116,7 @@ class RedisConfig(_Section):
     password: SecretStr | None = None
     key_prefix: str = "sinkserve"
     socket_timeout_s: float = Field(5, gt=0)
+    max_connections: int = Field(512, ge=1, description="per process; callers wait for a free one")
 
 
 class LimitsConfig(_Section):
