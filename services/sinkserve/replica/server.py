@@ -320,22 +320,36 @@ class SinkServeReplica:
             token_ids = [t for entry in transcript for t in entry]
             system_prompt = record.system_prompt or None
 
-            def load(engine: Any) -> None:
-                if resume:
-                    engine.unpark(sid)
-                elif token_ids:
-                    engine.import_session(sid, token_ids)
-                else:
-                    engine.open_session(session_id=sid, system_prompt=system_prompt)
+            victim = await self._evict_for_slot(deadline_unix)
 
-            # Never drops `sid` itself from the parked set: it is active (see _park).
-            await self._evict_for_slot(deadline_unix)
+            def load(engine: Any) -> tuple[bool, BaseException | None]:
+                # Park the victim and load this session in one trip to the engine thread.
+                parked = False
+                if victim is not None:
+                    try:
+                        engine.park(victim)
+                        parked = True
+                    except Exception:  # noqa: BLE001 - it became busy meanwhile: no slot for us then
+                        pass
+                try:
+                    if resume:
+                        engine.unpark(sid)
+                    elif token_ids:
+                        engine.import_session(sid, token_ids)
+                    else:
+                        engine.open_session(session_id=sid, system_prompt=system_prompt)
+                except Exception as err:  # noqa: BLE001 - mapped below, after the bookkeeping
+                    return parked, err
+                return parked, None
+
             try:
-                await self.loop.call(load)
+                parked, failure = await self.loop.call(load)
             except LoopDead as err:
                 raise ReplicaError(UNAVAILABLE, str(err)) from None
-            except Exception as err:  # noqa: BLE001
-                raise _map_engine_error(err) from None
+            if parked:
+                await self._note_parked(victim)
+            if failure is not None:
+                raise _map_engine_error(failure)
             if resume:
                 del self.parked[sid]
                 self.resumes += 1
@@ -345,10 +359,12 @@ class SinkServeReplica:
                 self._metrics.count("rebuilds")
             self.resident[sid] = epoch
 
-    async def _evict_for_slot(self, deadline_unix: float | None = None) -> None:
-        """Make one slot free: park the least recently used idle session, or wait for one to go idle."""
+    async def _evict_for_slot(self, deadline_unix: float | None = None) -> str | None:
+        """Find a slot: None when one is free, else the least recently used idle session to park (the
+        caller parks it in the same engine call that loads its own session). Waits for a session to go
+        idle when every slot is generating."""
         if self.engine.free_slots > 0:
-            return
+            return None
         cfg = self.settings.replica
         if self._waiting >= cfg.admission_queue:
             raise ReplicaError(
@@ -361,11 +377,10 @@ class SinkServeReplica:
         try:
             while True:
                 if self.engine.free_slots > 0:
-                    return
+                    return None
                 victim = next((sid for sid in self.resident if sid not in self.active), None)
                 if victim is not None:
-                    await self._park(victim)
-                    return
+                    return victim
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
                     raise ReplicaError(
@@ -382,15 +397,10 @@ class SinkServeReplica:
         finally:
             self._waiting -= 1
 
-    async def _park(self, session_id: str) -> None:
-        """Give an idle session's slot back, keeping its cache in host memory (bounded, LRU)."""
-        epoch = self.resident.pop(session_id)
-        try:
-            await self.loop.call(lambda engine: engine.park(session_id))
-        except Exception:  # noqa: BLE001 - could not park: drop it, the transcript rebuilds it
-            logger.warning("parking %s failed; dropping its cache", session_id, exc_info=True)
-            self.resident[session_id] = epoch
-            await self._drop(session_id)
+    async def _note_parked(self, session_id: str) -> None:
+        """Bookkeeping after the engine parked an idle session; keeps parked caches within the host bound."""
+        epoch = self.resident.pop(session_id, None)
+        if epoch is None:
             return
         self.parked[session_id] = epoch
         self.parks += 1
