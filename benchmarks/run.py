@@ -77,21 +77,26 @@ def _analysis(target: dict, results: dict) -> str:
     prof = profiles.get(target.get("limit_hint") or "")
     parts = []
     if prof:
-        top = prof["top_ops"][0] if prof["top_ops"] else None
+        ops = {t["op"]: t["self_ms_per_step"] for t in prof["top_ops"]}
+        weight_ms = sum(ops.get(op, 0.0) for op in ("aten::mm", "aten::addmm", "aten::mv"))
+        attention_ms = sum(ops.get(op, 0.0) for op in ("aten::bmm", "aten::_softmax", "aten::masked_fill_"))
         parts.append(
-            f"Profile `{target['limit_hint']}`: {prof['wall_ms_per_step']:.1f} ms per step, of which matmuls "
-            f"{prof['matmul_ms_per_step']:.1f} ms, attention {prof['attention_ms_per_step']:.1f} ms, outside "
-            f"operators {prof['outside_operators_ms_per_step']:.1f} ms"
-            + (f"; top operator `{top['op']}` ({top['share'] * 100:.0f}% of operator time)." if top else ".")
+            f"Profile `{target['limit_hint']}` ({prof['title']}): {prof['wall_ms_per_step']:.1f} ms wall per "
+            f"step; weight matmuls (`aten::mm`) {weight_ms:.1f} ms, attention over the cache (`aten::bmm`, "
+            f"softmax, masking) {attention_ms:.1f} ms, outside operators {prof['outside_operators_ms_per_step']:.1f} "
+            f"ms; top operator `{prof['top_ops'][0]['op']}` ({prof['top_ops'][0]['share'] * 100:.0f}% of operator "
+            "time)." if prof["top_ops"] else ""
         )
     roof = results.get("roofline")
     if key in ("latency_streaming_abs", "roofline", "single_vs_hf") and roof and bw:
-        best = min(roof["rows"], key=lambda r: r["measured_over_floor"])
+        weights = roof["rows"][0]["weight_bytes"]
+        floor_ms = weights / (bw["read_gbps"] * 1e9) * 1e3
+        verdict = ("the step is near that floor: memory bandwidth is the limit"
+                   if prof and prof["wall_ms_per_step"] <= 2 * floor_ms else
+                   "the step is far above that floor, so bandwidth is not what limits it: the operators above are")
         parts.append(
-            f"A batch-1 step streams the fp32 weights ({best['weight_bytes'] / 2**20:.0f} MiB) at "
-            f"{best['effective_gbps']:.1f} GB/s effective against {bw['read_gbps']:.1f} GB/s read bandwidth and "
-            f"{bw['gemv_fp32_gbps']:.1f} GB/s for a plain fp32 GEMV: the floor is memory bandwidth; fp32 weights "
-            "alone cost about " + f"{best['weight_bytes'] / (bw['read_gbps'] * 1e9) * 1e3:.0f} ms per step."
+            f"Reading the fp32 weights ({weights / 2**20:.0f} MiB) once at the {bw['read_gbps']:.1f} GB/s measured "
+            f"in this run takes {floor_ms:.0f} ms; {verdict}."
         )
     if key == "throughput_64" and prof:
         parts.append("With 64 sessions each step is compute-bound on the matmuls (2 cores, fp32).")

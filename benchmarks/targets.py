@@ -16,9 +16,14 @@ def evaluate_targets(results: dict) -> list[dict]:
         out.append(_target("ppl_streaming_vs_recompute", "streaming perplexity vs sliding window with re-computation",
                            "within 5%", f"{(ratio - 1) * 100:+.2f}% (cache {pol['cache']}, "
                            f"{pol['common_tokens']} tokens)", abs(ratio - 1) <= 0.05))
-        wratio = pol["window_vs_streaming"]
+        rows = {r["policy"]: r for r in pol["rows"]}
+        window_all, streaming_all = rows["window"].get("ppl_all"), rows["streaming"].get("ppl_all")
+        if window_all and streaming_all:
+            wratio, basis = window_all / streaming_all, pol["all_tokens"]
+        else:
+            wratio, basis = pol["window_vs_streaming"], pol["common_tokens"]
         out.append(_target("ppl_window_vs_streaming", "window attention (no sinks) vs streaming",
-                           ">= 3x worse", f"{wratio:.2f}x", wratio >= 3))
+                           ">= 3x worse", f"{wratio:.2f}x ({basis:,} tokens)", wratio >= 3))
     long = quality.get("long")
     if long:
         dense_beyond = long["dense"]["ppl_beyond_context"]
@@ -65,7 +70,8 @@ def evaluate_targets(results: dict) -> list[dict]:
             f"constant_{label}", f"constant cost along the stream ({run['label']})",
             f">= {need:,} tokens; latency and RSS flat within 10% (first 10k tokens vs last tenth)",
             f"{run['total_tokens']:,} tokens; latency {run['latency_ratio']:.3f}x, RSS {run['rss_ratio']:.3f}x",
-            (lat_ok and rss_ok) if long_enough else (None if (lat_ok and rss_ok) else False),
+            # a short stream (quick mode) is dominated by noise: report it, judge only the full length
+            (lat_ok and rss_ok) if long_enough else None,
             "" if lat_ok else "decode_b1"))
     thr = results.get("throughput")
     if thr:
