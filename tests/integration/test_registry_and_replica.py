@@ -281,3 +281,47 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
         assert events[-1]["final"]["turn"] == 1
     finally:
         await _stop_sharing(replica, tiny_engine)
+
+
+async def test_a_turn_on_the_session_being_parked_waits_and_resumes(redis_server, tiny_engine):
+    """The least recently used idle session is chosen to give up its slot; a turn on that very session
+    arriving while the engine is parking it must wait and resume it, not start on a cache that just left
+    its slot (which once surfaced as a spurious RESOURCE_EXHAUSTED under load)."""
+    import threading
+
+    for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
+        tiny_engine.close_session(leftover)
+    replica = await _replica(redis_server, tiny_engine, "replica-race")
+    registry = replica.registry
+    gate = threading.Event()
+    try:
+        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        for sid in sids:
+            await replica.create(session_id=sid)
+            await _greedy_turn(replica, sid, f"hello from {sid}")
+        parked, victim = sids[0], sids[1]  # two slots: the first session is parked, the second is next
+        assert parked in replica.parked and list(replica.resident)[0] == victim
+
+        # Hold the engine thread so the park-and-load call queues behind it, then send the victim a turn.
+        holding = threading.Event()
+        blocker = asyncio.ensure_future(replica.loop.call(lambda engine: holding.set() or gate.wait(30)))
+        while not holding.is_set():
+            await asyncio.sleep(0.01)
+        resume_turn = asyncio.create_task(_greedy_turn(replica, parked, "back again"))
+        for _ in range(500):
+            if replica.loop.pending_calls >= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.loop.pending_calls >= 1  # the park-and-load call is queued
+        victim_turn = asyncio.create_task(_greedy_turn(replica, victim, "me as well"))
+        await asyncio.sleep(0.5)  # the victim's turn gets as far as it can before the engine moves
+        gate.set()
+        await blocker
+        resumed, answered = await asyncio.gather(resume_turn, victim_turn)
+        assert resumed[-1]["final"]["turn"] == 2 and answered[-1]["final"]["turn"] == 2
+        assert replica.rebuilt == 0 and replica.resumes >= 2  # the victim came back from host memory
+        assert set(tiny_engine.sessions()) == set(sids)
+        assert len(replica.resident) == 2 and len(replica.parked) == 1
+    finally:
+        gate.set()
+        await _stop_sharing(replica, tiny_engine)

@@ -321,6 +321,11 @@ class SinkServeReplica:
             system_prompt = record.system_prompt or None
 
             victim = await self._evict_for_slot(deadline_unix)
+            victim_epoch = None
+            if victim is not None:
+                # Out of `resident` before the engine call: a turn on the victim arriving meanwhile must take
+                # the slow path (and this lock) instead of finding it resident and starting on a parked cache.
+                victim_epoch = self.resident.pop(victim)
 
             def load(engine: Any) -> tuple[bool, BaseException | None]:
                 # Park the victim and load this session in one trip to the engine thread.
@@ -347,7 +352,9 @@ class SinkServeReplica:
             except LoopDead as err:
                 raise ReplicaError(UNAVAILABLE, str(err)) from None
             if parked:
-                await self._note_parked(victim)
+                await self._note_parked(victim, victim_epoch)
+            elif victim is not None:
+                self.resident[victim] = victim_epoch
             if failure is not None:
                 raise _map_engine_error(failure)
             if resume:
@@ -397,11 +404,8 @@ class SinkServeReplica:
         finally:
             self._waiting -= 1
 
-    async def _note_parked(self, session_id: str) -> None:
+    async def _note_parked(self, session_id: str, epoch: int) -> None:
         """Bookkeeping after the engine parked an idle session; keeps parked caches within the host bound."""
-        epoch = self.resident.pop(session_id, None)
-        if epoch is None:
-            return
         self.parked[session_id] = epoch
         self.parks += 1
         self._metrics.count("parks")
