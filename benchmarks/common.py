@@ -49,6 +49,8 @@ class Plan:
     constant_max_minutes: float = 45.0  # wall-clock cap per constant-cost stream; the report states any shortfall
     bandwidth_mib: int = 512
     profile_steps: int = 5
+    # dtype of the speed sections (latency, throughput, profiles, constant cost); quality runs float32
+    speed_dtype: str = "bfloat16"
 
     @classmethod
     def full(cls) -> "Plan":

@@ -7,10 +7,10 @@ from benchmarks.engine_runs import Geometry, load, profile_steps
 from benchmarks.speed import PROMPTS, _text_ids
 
 
-def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int):
+def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int, dtype: str):
     from sinkserve.engine import SamplingParams
 
-    engine = load(model, Geometry("streaming", cache), max_sessions=sessions, prefill_chunk=cache,
+    engine = load(model, Geometry("streaming", cache), max_sessions=sessions, prefill_chunk=cache, dtype=dtype,
                   max_step_tokens=max(2048, cache + 256))
     params = SamplingParams(max_tokens=steps * 4 + 64, ignore_eos=True)
     if sessions == 1:
@@ -41,7 +41,7 @@ def run_profiles(model: str, text: str, plan: Plan) -> dict:
     ]
     for key, title, cache, sessions in shapes:
         log(f"profiling {title}")
-        engine = _decoding_engine(model, cache, sessions, text, plan.profile_steps)
+        engine = _decoding_engine(model, cache, sessions, text, plan.profile_steps, plan.speed_dtype)
         result = profile_steps(engine, plan.profile_steps)
         result["title"] = title
         result["sessions"] = sessions

@@ -50,7 +50,8 @@ def _machine(meta: dict) -> list[str]:
             ["GPU", m["gpu"] or "none"],
             ["software", f"{m['os']}; Python {m['python']}; torch {m['torch']} ({m['torch_threads']} threads); "
                          f"transformers {m['transformers']}"],
-            ["model", f"{meta['model_name']} (fp32) from `{meta['checkpoint']}`"],
+            ["model", f"{meta['model_name']} from `{meta['checkpoint']}`; speed sections in "
+                      f"{meta['plan'].get('speed_dtype', 'float32')}, quality in float32"],
             ["text", meta["text_source"]],
             ["mode", f"`{meta['plan']['name']}`; git commit `{m['git_commit']}`"],
             ["started / finished", f"{meta['started']} / {meta.get('finished', 'running')}"],
@@ -151,8 +152,9 @@ def _speed(results: dict, imgs: dict) -> list[str]:
     if lat:
         lines += ["### Per-token decode latency vs cache size (paper Figure 10)", ""]
         lines += [
-            "Batch 1, fp32, median over the timed decode steps, each from a full cache (a session rebuilt "
-            "from a longer transcript). Dense is HF transformers `generate` "
+            f"Batch 1, {results['meta']['plan'].get('speed_dtype', 'float32')}, median over the timed decode "
+            "steps, each from a full cache (a session rebuilt "
+            "from a longer transcript). Dense is HF transformers `generate` in the same dtype "
             f"({lat['hf_attn_implementation']} attention) with a prompt as long as the cache.",
             "",
         ]
@@ -225,9 +227,13 @@ def _speed(results: dict, imgs: dict) -> list[str]:
         lines += [
             "N sessions in one engine, each decoding; one `step()` is one batched forward over all of them. "
             "Tokens/s counts decode steps after every session's prompt is in. HF is `generate` with the same "
-            "batch size (dense cache).",
+            f"batch size (dense cache) in the same dtype ({thr.get('dtype', 'float32')}).",
             "",
         ]
+        if thr.get("hf_fp32_single_tokens_per_s"):
+            lines += [f"Single session, HF `generate` in float32 (the checkpoint loaded with defaults): "
+                      f"{thr['hf_fp32_single_tokens_per_s']:.1f} tokens/s; sinkserve is "
+                      f"{thr['single_vs_hf_fp32']:.2f}x that.", ""]
         lines += _table(["sessions", "tokens/s", "scaling vs 1", "median step ms", "HF generate tokens/s",
                          "vs HF", "RSS MiB"],
                         [[r["sessions"], _num(r["tokens_per_s"], 1), f"{r['scaling_vs_1']:.2f}x",

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="UTF-8 text for the perplexity runs (default: Python's pydoc_data.topics)")
     parser.add_argument("--model", default=None, help="bundled model name (default) or a checkpoint directory")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs", help="where benchmarks.md/json and img/ go")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the speed sections and their HF baseline (quality always runs float32)")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated subset of sections: {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from sinkserve.engine.weights import resolve_checkpoint
 
     plan = Plan.smoke() if args.smoke else Plan.quick() if args.quick else Plan.full()
+    plan.speed_dtype = args.dtype
     model = args.model or BUNDLED_MODEL
     model_label = "SmolLM2-135M" if model == BUNDLED_MODEL else Path(model).name
     checkpoint = resolve_checkpoint(model)
@@ -197,16 +200,17 @@ def main(argv: list[str] | None = None) -> int:
         write_json(results, out / "benchmarks.json")
         write_markdown(results, imgs, out / "benchmarks.md")
 
-    hf = None
+    hf_models: dict = {}
 
-    def get_hf():
-        nonlocal hf
-        if hf is None:
+    def get_hf(dtype: str = plan.speed_dtype):
+        if dtype not in hf_models:
+            import torch
+
             from benchmarks.hf_baseline import HFBaseline
 
-            log("loading the HF transformers baseline")
-            hf = HFBaseline(checkpoint)
-        return hf
+            log(f"loading the HF transformers baseline ({dtype})")
+            hf_models[dtype] = HFBaseline(checkpoint, dtype=getattr(torch, dtype))
+        return hf_models[dtype]
 
     # cheapest and most looked-at first: a run cut short still leaves the headline figures
     if "bandwidth" in sections:
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results["latency"] = speed.decode_latency(model, checkpoint, text, plan, get_hf())
         if "bandwidth" in results:
-            results["roofline"] = speed.roofline(results["latency"], speed.weight_bytes(checkpoint),
+            results["roofline"] = speed.roofline(results["latency"], speed.weight_bytes(checkpoint, plan.speed_dtype),
                                                  results["bandwidth"])
         imgs["latency"] = plots.plot_latency(results["latency"], results.get("roofline"),
                                              img_dir / "latency_vs_cache.png", model_label)
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         mark("throughput")
         from benchmarks import speed
 
-        results["throughput"] = speed.batched_throughput(model, plan, get_hf())
+        # HF in float32 too: what a user who loads the checkpoint with defaults would run
+        results["throughput"] = speed.batched_throughput(model, plan, get_hf(), get_hf("float32"))
         imgs["throughput"] = plots.plot_throughput(results["throughput"], img_dir / "throughput.png", model_label)
         flush()
 

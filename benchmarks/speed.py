@@ -39,7 +39,8 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
         for policy, tokens in (("streaming", plan.latency_decode_tokens), ("recompute", recompute_tokens)):
             # big prefill chunks: the rebuild below takes a few steps, not cache / 256
             chunk = min(cache, 1024)
-            engine = load(model, Geometry(policy, cache), prefill_chunk=chunk, max_step_tokens=chunk + 256)
+            engine = load(model, Geometry(policy, cache), prefill_chunk=chunk, max_step_tokens=chunk + 256,
+                          dtype=plan.speed_dtype)
             sid = fill_session(engine, f"lat-{policy}-{cache}", ids[: cache + 128])
             if policy != "recompute":
                 # a first short turn absorbs the lazy re-ingest, so the timed turn starts from a warm, full
@@ -68,7 +69,7 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
             f"{row['recompute']['median_ms']:.0f} ms, HF dense {row['hf_dense']['median_ms']:.1f} ms"
         )
         rows.append(row)
-    return {"rows": rows, "hf_attn_implementation": hf.attn_implementation}
+    return {"rows": rows, "hf_attn_implementation": hf.attn_implementation, "dtype": plan.speed_dtype}
 
 
 PROMPTS = [
@@ -83,13 +84,14 @@ PROMPTS = [
 ]
 
 
-def batched_throughput(model: str, plan: Plan, hf) -> dict:
+def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
     """Total decode tokens/s with N concurrent sessions in one engine, vs HF generate with batch N."""
     from sinkserve.engine import SamplingParams
 
     rows = []
     for sessions in tqdm(plan.throughput_sessions, desc="batched throughput", unit="batch"):
-        engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=sessions)
+        engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=sessions,
+                      dtype=plan.speed_dtype)
         sids = [engine.open_session() for _ in range(sessions)]
         params = SamplingParams(max_tokens=plan.throughput_decode_steps + 8, ignore_eos=True)
         for i, sid in enumerate(sids):
@@ -126,6 +128,10 @@ def batched_throughput(model: str, plan: Plan, hf) -> dict:
         row["speedup_vs_hf_same_batch"] = row["tokens_per_s"] / hf_tps
         log(f"{sessions} sessions: {row['tokens_per_s']:.1f} tok/s (HF batch {sessions}: {hf_tps:.1f} tok/s)")
         rows.append(row)
+    hf_fp32_single = None
+    if hf_fp32 is not None and hf_fp32 is not hf:
+        timing = hf_fp32.decode_step_times(hf_fp32.chat_prompt_ids(PROMPTS[0]), plan.throughput_decode_steps + 1)
+        hf_fp32_single = 1 / timing["median_step_s"]
     single = rows[0]["tokens_per_s"] if rows and rows[0]["sessions"] == 1 else None
     hf_single = rows[0]["hf_batch_tokens_per_s"] if rows and rows[0]["sessions"] == 1 else None
     for row in rows:
@@ -136,6 +142,9 @@ def batched_throughput(model: str, plan: Plan, hf) -> dict:
         "single_session_tokens_per_s": single,
         "hf_single_tokens_per_s": hf_single,
         "single_vs_hf": single / hf_single if single and hf_single else None,
+        "dtype": plan.speed_dtype,
+        "hf_fp32_single_tokens_per_s": hf_fp32_single,
+        "single_vs_hf_fp32": single / hf_fp32_single if single and hf_fp32_single else None,
     }
 
 
@@ -147,7 +156,8 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     """
     from sinkserve.engine import SamplingParams
 
-    engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache)
+    engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache,
+                  dtype=plan.speed_dtype)
     tokenizer = engine.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens
@@ -233,8 +243,8 @@ def flatness(samples: list[dict], early_tokens: int = 10_000) -> dict:
     }
 
 
-def weight_bytes(checkpoint) -> int:
-    """Bytes of every tensor in the checkpoint's safetensors files (a tied embedding is stored, and read, once)."""
+def weight_bytes(checkpoint, dtype: str = "float32") -> int:
+    """Bytes of every tensor in the checkpoint at `dtype` (a tied embedding is stored, and read, once)."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -247,7 +257,7 @@ def weight_bytes(checkpoint) -> int:
                 numel = 1
                 for dim in sl.get_shape():
                     numel *= dim
-                total += numel * 4  # benchmarks run float32
+                total += numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return total
 
 

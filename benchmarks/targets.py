@@ -76,7 +76,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     thr = results.get("throughput")
     if thr:
         if thr.get("single_vs_hf"):
-            out.append(_target("single_vs_hf", "single-session decode tokens/s vs HF transformers generate",
+            out.append(_target("single_vs_hf", "single-session decode tokens/s vs HF transformers generate, same dtype",
                                ">= 2x", f"{thr['single_session_tokens_per_s']:.1f} vs "
                                f"{thr['hf_single_tokens_per_s']:.1f} tok/s = {thr['single_vs_hf']:.2f}x",
                                thr["single_vs_hf"] >= 2, "decode_b1"))

@@ -8,6 +8,12 @@ longest). Every query sees, in cache positions:
   - the earlier tokens of its own chunk (both frames computed; the mask picks the right one).
 The chunk is written into the slab only after attention, so a chunk that wraps the ring never hides
 entries from the earlier queries of the same chunk.
+
+Decode rows (one query per session, the common case) take a shorter path: both rotations of the query
+against the whole slot in one product, the sink columns read from the cache-frame rows and the ring columns
+from the window-frame rows; the token's own key is a plain dot product, since RoPE scores depend only on the
+distance and that is zero in either frame. Reading the slot as one contiguous block is what keeps the slab
+from being copied per layer.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ class AttnGroup:
     slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
     tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
     valid: torch.Tensor  # [B, T] bool: real query
-    mask: torch.Tensor  # [B, T, sinks + T + window + T] bool, key order as in `_scores`
-    single_query: bool  # T == 1 and every row valid: plain index_select, no padding
+    mask: torch.Tensor  # prefill: [B, T, sinks + T + window + T]; decode: [B, sinks + window + 1] (self last)
+    single_query: bool  # T == 1 and every row valid: the decode path
 
 
 @dataclass
@@ -39,6 +45,8 @@ class StepBatch:
     sin_cache: torch.Tensor
     cos_window: torch.Tensor  # [N, rot_dim] rotation by window-frame position (against the ring)
     sin_window: torch.Tensor
+    cos_store: torch.Tensor  # [N, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
+    sin_store: torch.Tensor
     write_slot: torch.Tensor  # [N]
     write_entry: torch.Tensor  # [N] entry index inside the slot
     is_sink_token: torch.Tensor  # [N] bool
@@ -52,22 +60,61 @@ def sink_window_attention(
     """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab."""
     q_cache = apply_rope(q, batch.cos_cache, batch.sin_cache)
     q_window = apply_rope(q, batch.cos_window, batch.sin_window)
-    k_cache = apply_rope(k, batch.cos_cache, batch.sin_cache)
-    k_window = apply_rope(k, batch.cos_window, batch.sin_window)
     out = q.new_empty(q.shape)
+    chunk_keys = None
     for group in batch.groups:
-        _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab, layer, group)
+        if group.single_query:
+            _decode_attention(out, q, k, v, q_cache, q_window, slab, layer, group)
+            continue
+        if chunk_keys is None:  # prefill chunks attend to their own keys in both frames
+            chunk_keys = (apply_rope(k, batch.cos_cache, batch.sin_cache),
+                          apply_rope(k, batch.cos_window, batch.sin_window))
+        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group)
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
-    k_store = torch.where(batch.is_sink_token[:, None, None], k_cache, k_window)
+    k_store = apply_rope(k, batch.cos_store, batch.sin_store)
     slab.k[layer, batch.write_slot, :, batch.write_entry] = k_store
     slab.v[layer, batch.write_slot, :, batch.write_entry] = v
     return out
 
 
+def _slot_block(cache: torch.Tensor, layer: int, group: AttnGroup) -> torch.Tensor:
+    """The group's slots of one layer, [B, Hkv, sinks + window, D]: a view when the slots are contiguous."""
+    if group.slot_range is not None:
+        start, stop = group.slot_range
+        return cache[layer, start:stop]
+    return cache[layer].index_select(0, group.slots)
+
+
+def _decode_attention(out, q, k, v, q_cache, q_window, slab: KVSlab, layer: int, group: AttnGroup) -> None:
+    sinks = slab.geometry.sinks
+    rows = group.tokens[:, 0]
+    batch, n_heads, head_dim = len(rows), q.shape[1], q.shape[2]
+    n_kv = k.shape[1]
+    per_kv = n_heads // n_kv
+    # [B, Hkv, 2 * per_kv, D]: cache-frame queries then window-frame queries (GQA without repeating K/V)
+    q_both = torch.cat(
+        [q_cache.index_select(0, rows).view(batch, n_kv, per_kv, head_dim),
+         q_window.index_select(0, rows).view(batch, n_kv, per_kv, head_dim)],
+        dim=2,
+    )
+    keys, values = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)
+    both = q_both @ keys.transpose(-1, -2)  # [B, Hkv, 2 * per_kv, sinks + window]
+    if sinks:
+        scores = torch.where(slab.sink_columns, both[:, :, :per_kv], both[:, :, per_kv:])
+    else:
+        scores = both[:, :, per_kv:]
+    q_own = q.index_select(0, rows).view(batch, n_kv, per_kv, head_dim)
+    k_own, v_own = k.index_select(0, rows).unsqueeze(2), v.index_select(0, rows).unsqueeze(2)  # [B, Hkv, 1, D]
+    own = (q_own.float() * k_own.float()).sum(-1, keepdim=True)  # [B, Hkv, per_kv, 1]
+    scores = torch.cat([scores.float(), own], dim=-1) * (head_dim**-0.5)
+    scores = scores.masked_fill(~group.mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    attn = probs[..., :-1] @ values + probs[..., -1:] * v_own  # [B, Hkv, per_kv, D]
+    out[rows] = attn.reshape(batch, n_heads, head_dim)
+
+
 def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
     """Flat [N, H, D] -> per-group [B, T, H, D] (padding rows read the zero row appended at N)."""
-    if group.single_query:
-        return x.index_select(0, group.tokens[:, 0]).unsqueeze(1)
     padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
     return padded[group.tokens]
 
@@ -87,11 +134,7 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
 
     qc, qw = heads_first(qc), heads_first(qw)
     kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
-    if group.slot_range is not None:
-        start, stop = group.slot_range
-        slab_k, slab_v = slab.k[layer, start:stop], slab.v[layer, start:stop]
-    else:
-        slab_k, slab_v = slab.k[layer].index_select(0, group.slots), slab.v[layer].index_select(0, group.slots)
+    slab_k, slab_v = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)
     sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
     sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]
 
@@ -117,7 +160,4 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
     attn = attn.view(batch, n_kv, per_kv, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(
         batch, steps, n_heads, head_dim
     )
-    if group.single_query:
-        out[group.tokens[:, 0]] = attn[:, 0]
-    else:
-        out[group.tokens[group.valid]] = attn[group.valid]
+    out[group.tokens[group.valid]] = attn[group.valid]

@@ -434,6 +434,7 @@ class Engine:
         is_sink = position < sinks
         cache_position = torch.where(is_sink, position, sinks + (position - sinks).clamp(max=window - 1))
         window_position = position - base[row_of_token]
+        store_position = torch.where(is_sink, cache_position, window_position)
         token_ids = torch.tensor([t for r in rows for t in r.ids], device=device)
 
         logits_index, logits_rows = [], []
@@ -458,6 +459,8 @@ class Engine:
             sin_cache=self.sin[cache_position],
             cos_window=self.cos[window_position],
             sin_window=self.sin[window_position],
+            cos_store=self.cos[store_position],
+            sin_store=self.sin[store_position],
             write_slot=slots[row_of_token],
             write_entry=self.slab.write_index(position),
             is_sink_token=is_sink,
@@ -500,26 +503,23 @@ class Engine:
         seen = n_seen[idx]
 
         sink_mask = (torch.arange(sinks, device=device)[None, :] < seen[:, None])[:, None, :].expand(-1, steps, -1)
+        ring_position = self.slab.entry_position[group_slots, sinks:]  # [B, W]
+        ring = (ring_position >= 0)[:, None, :] & (t_q[:, :, None] - ring_position[:, None, :] <= window - 1)
+        slot_list = group_slots.tolist()
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+        slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
+        if steps == 1:  # decode: keys in slot order (sinks, ring), then the token's own key
+            own = torch.ones(len(members), 1, dtype=torch.bool, device=device)
+            mask = torch.cat([sink_mask[:, 0], ring[:, 0], own], dim=-1)
+            return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=True)
         causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
         key_valid = valid[:, None, :]
         chunk_sink = key_valid & causal & (t_q < sinks)[:, None, :]
         distance = t_q[:, :, None] - t_q[:, None, :]
         chunk_window = key_valid & causal & (t_q >= sinks)[:, None, :] & (distance <= window - 1)
-        ring_position = self.slab.entry_position[group_slots, sinks:]  # [B, W]
-        ring = (ring_position >= 0)[:, None, :] & (t_q[:, :, None] - ring_position[:, None, :] <= window - 1)
         mask = torch.cat([sink_mask, chunk_sink, ring, chunk_window], dim=-1) & valid[:, :, None]
         mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
-
-        slot_list = group_slots.tolist()
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
-        return AttnGroup(
-            slots=group_slots,
-            slot_range=(slot_list[0], slot_list[-1] + 1) if contiguous else None,
-            tokens=tokens,
-            valid=valid,
-            mask=mask,
-            single_query=steps == 1,
-        )
+        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False)
 
     def _maybe_rebase(self, slots: torch.Tensor, n_seen: torch.Tensor, lengths: list[int]) -> None:
         last = n_seen + torch.tensor(lengths, device=self.device) - 1

@@ -51,6 +51,8 @@ class KVSlab:
         shape = (geometry.n_layers, geometry.slots, geometry.n_kv_heads, geometry.capacity, geometry.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Which entries of a slot are sinks (cache frame) rather than ring (window frame).
+        self.sink_columns = torch.arange(geometry.capacity, device=device) < geometry.sinks
         slots, cap = geometry.slots, geometry.capacity
         # Tokens ever fed to the slot's session; the next token's text position.
         self.tokens_seen = torch.zeros(slots, dtype=torch.long, device=device)
