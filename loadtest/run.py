@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=64, help="KV slots per replica (default 64)")
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
                         help="tiny random-weight Llama (load only) or the bundled SmolLM2-135M (default tiny)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="engine dtype of the local stack (default float32; bfloat16 is faster on CPUs with "
+                             "AVX512-BF16 or AMX)")
     parser.add_argument("--sinks", type=int, default=4, help="attention-sink entries per session (default 4)")
     parser.add_argument("--window", type=int, default=252, help="window entries per session (default 252)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                     window=args.window,
                     log_path=args.results_dir / "stack.log",
                     max_ongoing_requests=max(256, 2 * max(args.users)),
+                    dtype=args.dtype,
                 )
                 stack.start(tenant_sessions=sum(args.users) + 10)
                 address, api_key = stack.address, stack.api_key

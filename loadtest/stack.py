@@ -88,6 +88,7 @@ class LocalStack:
     window: int
     log_path: Path
     max_ongoing_requests: int = 1024
+    dtype: str = "float32"
     key_prefix: str = "loadtest"
     start_timeout_s: float = 900
     address: str = ""
@@ -118,6 +119,7 @@ class LocalStack:
                 "SINKSERVE_REDIS__KEY_PREFIX": self.key_prefix,
                 "SINKSERVE_REPLICA__MAX_ONGOING_REQUESTS": str(self.max_ongoing_requests),
                 "SINKSERVE_ENGINE__DEVICE": "cpu",
+                "SINKSERVE_ENGINE__DTYPE": self.dtype,
             }
             command = [
                 sys.executable, "-m", "sinkserve.cli", "up",

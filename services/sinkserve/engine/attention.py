@@ -32,7 +32,8 @@ class AttnGroup:
     slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
     tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
     valid: torch.Tensor  # [B, T] bool: real query
-    mask: torch.Tensor  # prefill: [B, T, sinks + T + window + T]; decode: [B, sinks + window + 1] (self last)
+    # prefill: bool [B, T, sinks + T + window + T]; decode: float32 0 / -inf [B, sinks + window + 1] (self last)
+    mask: torch.Tensor
     single_query: bool  # T == 1 and every row valid: the decode path
 
 
@@ -105,9 +106,8 @@ def _decode_attention(out, q, k, v, q_cache, q_window, slab: KVSlab, layer: int,
         scores = both[:, :, per_kv:]
     q_own = q.index_select(0, rows).view(batch, n_kv, per_kv, head_dim)
     k_own, v_own = k.index_select(0, rows).unsqueeze(2), v.index_select(0, rows).unsqueeze(2)  # [B, Hkv, 1, D]
-    own = (q_own.float() * k_own.float()).sum(-1, keepdim=True)  # [B, Hkv, per_kv, 1]
-    scores = torch.cat([scores.float(), own], dim=-1) * (head_dim**-0.5)
-    scores = scores.masked_fill(~group.mask[:, None, None, :], float("-inf"))
+    own = q_own @ k_own.transpose(-1, -2)  # [B, Hkv, per_kv, 1]
+    scores = torch.cat([scores, own], dim=-1).float() * (head_dim**-0.5) + group.mask[:, None, None, :]
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     attn = probs[..., :-1] @ values + probs[..., -1:] * v_own  # [B, Hkv, per_kv, D]
     out[rows] = attn.reshape(batch, n_heads, head_dim)

@@ -510,7 +510,8 @@ class Engine:
         slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
         if steps == 1:  # decode: keys in slot order (sinks, ring), then the token's own key
             own = torch.ones(len(members), 1, dtype=torch.bool, device=device)
-            mask = torch.cat([sink_mask[:, 0], ring[:, 0], own], dim=-1)
+            keep = torch.cat([sink_mask[:, 0], ring[:, 0], own], dim=-1)
+            mask = torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
             return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=True)
         causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
         key_valid = valid[:, None, :]
