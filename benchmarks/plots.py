@@ -49,6 +49,9 @@ def plot_latency(latency: dict, roofline: dict | None, path: Path, model: str = 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.plot(sizes, [r["recompute"]["median_ms"] for r in rows], marker="s", color=COLORS["recompute"],
             label="sliding window + re-computation (sinkserve)")
+    if all("hf_recompute" in r for r in rows):
+        ax.plot(sizes, [r["hf_recompute"]["ms"] for r in rows], marker="s", ls=":", color=COLORS["recompute"],
+                label="sliding window + re-computation (HF forward)")
     ax.plot(sizes, [r["hf_dense"]["median_ms"] for r in rows], marker="^", color=COLORS["hf"],
             label="dense, HF transformers generate")
     ax.plot(sizes, [r["streaming"]["median_ms"] for r in rows], marker="o", color=COLORS["streaming"],

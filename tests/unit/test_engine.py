@@ -298,3 +298,19 @@ def test_policies_differ_and_recompute_matches_fresh_encoding(make_engine):
     logits = engine.stream_logits(context)
     fresh = -torch.log_softmax(logits[-1], -1)[ids[t + 1]].item()
     assert recompute[t] == pytest.approx(fresh, abs=1e-4)
+
+
+def test_sinkless_recompute_and_first_window_chunk_match_fresh_encoding(make_engine):
+    """Without sinks, a chunk over an empty ring takes the fused causal path: it must score exactly like
+    the general path (a dense engine's fresh forward over the same tokens)."""
+    ids = random_ids(100, seed=11)
+    recompute = make_engine(policy="recompute", sinks=0, window=24).score(ids)
+    window = make_engine(policy="window", window=24).score(ids)
+    dense = make_engine(policy="dense").score(ids)
+    assert torch.allclose(torch.tensor(recompute[:20]), torch.tensor(dense[:20]), atol=1e-4)
+    assert torch.allclose(torch.tensor(window[:20]), torch.tensor(dense[:20]), atol=1e-4)
+    engine = make_engine(policy="dense")
+    for t in (40, 77, 98):
+        logits = engine.stream_logits(ids[t + 1 - 24 : t + 1])
+        fresh = -torch.log_softmax(logits[-1], -1)[ids[t + 1]].item()
+        assert recompute[t] == pytest.approx(fresh, abs=1e-4)

@@ -12,13 +12,17 @@ from sinkserve.engine.weights import prepare_bundled_model
 from sinkserve.engine.testing import random_ids
 
 
+# Sinks 0 exercises the fused causal path taken by a chunk over an empty ring (all of it at chunk 200).
+@pytest.mark.parametrize("sinks,chunk", [(4, 48), (0, 48), (0, 200)])
 @pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_neox"])
-def test_logits_equal_hf_before_eviction(request, arch_fixture):
+def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
     path = request.getfixturevalue(arch_fixture)
-    engine = load_engine(EngineConfig(model=str(path), sinks=4, window=256, max_sessions=1, device="cpu", prefill_chunk=48))
+    engine = load_engine(
+        EngineConfig(model=str(path), sinks=sinks, window=256, max_sessions=1, device="cpu", prefill_chunk=chunk)
+    )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids(200, seed=1)
-    ours = engine.stream_logits(ids, chunk=48)  # chunks of different sizes, last one partial
+    ours = engine.stream_logits(ids, chunk=chunk)  # chunks of different sizes, last one partial
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sinkserve.engine.kv_cache import KVSlab
 from sinkserve.engine.rope import apply_rope
@@ -35,6 +36,9 @@ class AttnGroup:
     # prefill: bool [B, T, sinks + T + window + T]; decode: float32 0 / -inf [B, sinks + window + 1] (self last)
     mask: torch.Tensor
     single_query: bool  # T == 1 and every row valid: the decode path
+    # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
+    # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
+    chunk_only: bool = False
 
 
 @dataclass
@@ -132,6 +136,14 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
             batch, n_kv, per_kv * steps, head_dim
         )
 
+    if group.chunk_only:
+        # Padding sits after each row's real tokens, so the causal mask alone keeps it out of real queries.
+        attn = F.scaled_dot_product_attention(
+            qw.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2), is_causal=True, enable_gqa=per_kv > 1
+        )  # [B, Hq, T, D]
+        attn = attn.transpose(1, 2)
+        out[group.tokens[group.valid]] = attn[group.valid]
+        return
     qc, qw = heads_first(qc), heads_first(qw)
     kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
     slab_k, slab_v = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)

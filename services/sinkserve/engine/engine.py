@@ -520,7 +520,10 @@ class Engine:
         chunk_window = key_valid & causal & (t_q >= sinks)[:, None, :] & (distance <= window - 1)
         mask = torch.cat([sink_mask, chunk_sink, ring, chunk_window], dim=-1) & valid[:, :, None]
         mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
-        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False)
+        # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
+        # is plain causal.
+        chunk_only = sinks == 0 and steps <= window and not bool((ring_position >= 0).any())
+        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False, chunk_only=chunk_only)
 
     def _maybe_rebase(self, slots: torch.Tensor, n_seen: torch.Tensor, lengths: list[int]) -> None:
         last = n_seen + torch.tensor(lengths, device=self.device) - 1
