@@ -39,6 +39,8 @@ class AttnGroup:
     # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
     # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
     chunk_only: bool = False
+    attn_mask: torch.Tensor | None = None  # sink-less prefill: `mask` laid out for the fused kernel (first layer)
+    ring_used: int = 0  # ring entries [0, ring_used) can hold keys for some row (the rest were never written)
 
 
 @dataclass
@@ -146,6 +148,27 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         return
     qc, qw = heads_first(qc), heads_first(qw)
     kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
+    if not slab.geometry.sinks:
+        # One frame only (window, dense, recompute past its first chunk): the fused kernel with the mask,
+        # so no [T x keys] score tensor is built per layer.
+        used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
+        ring_k = _slot_block(slab.k, layer, group)[:, :, :used]  # no sink entries without sinks
+        ring_v = _slot_block(slab.v, layer, group)[:, :, :used]
+        if group.attn_mask is None:  # [B, T, keys] -> [B, 1, per_kv * T, keys] in heads_first's query order
+            window = slab.geometry.window
+            mask = torch.cat([group.mask[..., steps : steps + used], group.mask[..., steps + window :]], dim=-1)
+            group.attn_mask = mask[:, None].expand(batch, per_kv, steps, mask.shape[-1]).reshape(
+                batch, 1, per_kv * steps, mask.shape[-1]
+            )
+        attn = F.scaled_dot_product_attention(
+            qw, torch.cat([ring_k, kw], dim=2), torch.cat([ring_v, vc], dim=2), attn_mask=group.attn_mask,
+            scale=head_dim**-0.5,
+        )
+        attn = attn.view(batch, n_kv, per_kv, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(
+            batch, steps, n_heads, head_dim
+        )
+        out[group.tokens[group.valid]] = attn[group.valid]
+        return
     slab_k, slab_v = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)
     sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
     sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]

@@ -523,7 +523,9 @@ class Engine:
         # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
         # is plain causal.
         chunk_only = sinks == 0 and steps <= window and not bool((ring_position >= 0).any())
-        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False, chunk_only=chunk_only)
+        ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
+        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False, chunk_only=chunk_only,
+                         ring_used=ring_used)
 
     def _maybe_rebase(self, slots: torch.Tensor, n_seen: torch.Tensor, lengths: list[int]) -> None:
         last = n_seen + torch.tensor(lengths, device=self.device) - 1
