@@ -56,7 +56,6 @@ class StepBatch:
     sin_store: torch.Tensor
     write_slot: torch.Tensor  # [N]
     write_entry: torch.Tensor  # [N] entry index inside the slot
-    is_sink_token: torch.Tensor  # [N] bool
     groups: list[AttnGroup]
     logits_index: torch.Tensor  # [M] flat indices whose logits the step returns
 

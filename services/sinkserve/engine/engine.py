@@ -463,7 +463,6 @@ class Engine:
             sin_store=self.sin[store_position],
             write_slot=slots[row_of_token],
             write_entry=self.slab.write_index(position),
-            is_sink_token=is_sink,
             groups=groups,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         )
@@ -520,10 +519,10 @@ class Engine:
         chunk_window = key_valid & causal & (t_q >= sinks)[:, None, :] & (distance <= window - 1)
         mask = torch.cat([sink_mask, chunk_sink, ring, chunk_window], dim=-1) & valid[:, :, None]
         mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
+        ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
         # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
         # is plain causal.
-        chunk_only = sinks == 0 and steps <= window and not bool((ring_position >= 0).any())
-        ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
+        chunk_only = sinks == 0 and ring_used == 0 and steps <= window
         return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False, chunk_only=chunk_only,
                          ring_used=ring_used)
 
