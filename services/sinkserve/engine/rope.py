@@ -58,3 +58,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rotate_half_sign(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., rot_dim] with rotate-half's sign folded in, for `apply_rope_rolled`."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, pass_scale: float = 1.0):
+    """apply_rope in three operators for the decode path: rotate_half(x) * sin == roll(x) * sin_signed.
+    cos/sin broadcast against x's [..., rot_dim] as given (no heads axis is added); features past rot_dim
+    are multiplied by `pass_scale` (the softmax scale when it is folded into a query's cos/sin)."""
+    rot_dim = cos.shape[-1]
+    if rot_dim == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rot_dim // 2, -1), sin_signed)
+    x_rot = x[..., :rot_dim]
+    rotated = torch.addcmul(x_rot * cos, x_rot.roll(rot_dim // 2, -1), sin_signed)
+    x_pass = x[..., rot_dim:] * pass_scale
+    return torch.cat([rotated, x_pass.expand(rotated.shape[:-1] + x_pass.shape[-1:])], dim=-1)

@@ -30,8 +30,11 @@ def family_for(config: dict) -> ModuleType:
     )
 
 
-def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Build the model for `checkpoint` (config.json + *.safetensors) in eval mode; returns (model, hf_config)."""
+def load_model(
+    checkpoint: Path, dtype: torch.dtype, device: torch.device, weights: str = "dense", packed_max_rows: int = 8
+) -> tuple[torch.nn.Module, dict]:
+    """Build the model for `checkpoint` (config.json + *.safetensors) in eval mode; returns (model, hf_config).
+    weights="int4" packs the linear layers (engine/quant.py) from the checkpoint's own precision."""
     from safetensors.torch import load_file
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -51,4 +54,8 @@ def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> tu
         out = model.output if hasattr(model, "output") else model.embed_out
         emb = model.tok_embeddings if hasattr(model, "tok_embeddings") else model.embed_in
         out.weight = emb.weight
+    if weights == "int4":
+        from sinkserve.engine.quant import quantize_model
+
+        quantize_model(model.float(), packed_max_rows)  # from the checkpoint's values, before the cast
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config
