@@ -104,20 +104,20 @@ def sink_window_attention(
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
     chunk = batch.chunk_rows
     k_chunk, v_chunk = (k, v) if chunk is None else (k[chunk], v[chunk])
-    slab.k[layer, batch.write_slot, :, batch.write_entry] = apply_rope(k_chunk, batch.cos_store, batch.sin_store)
-    slab.v[layer, batch.write_slot, :, batch.write_entry] = v_chunk
+    slab.k_layers[layer][batch.write_slot, :, batch.write_entry] = apply_rope(k_chunk, batch.cos_store, batch.sin_store)
+    slab.v_layers[layer][batch.write_slot, :, batch.write_entry] = v_chunk
     return out
 
 
-def _slot_block(cache: torch.Tensor, layer: int, slots: torch.Tensor, slot_range: tuple[int, int] | None,
+def _slot_block(cache: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int] | None,
                 count: int | None = None) -> torch.Tensor:
-    """The slots' first `count` entries (all by default) of one layer, [B, Hkv, count, D]: a view when the
-    slots are contiguous, a gather of those entries only otherwise."""
-    block = cache[layer] if count is None else cache[layer, :, :, :count]
-    if slot_range is not None:
-        start, stop = slot_range
-        return block[start:stop]
-    return block.index_select(0, slots)
+    """One layer's slots, first `count` entries (all by default), [B, Hkv, count, D]: a view when the slots
+    are contiguous, a gather of those entries only otherwise."""
+    block = cache if count is None or count == cache.shape[2] else cache[:, :, :count]
+    if slot_range is None:
+        return block.index_select(0, slots)
+    start, stop = slot_range
+    return block if (start, stop) == (0, cache.shape[0]) else block[start:stop]
 
 
 def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> torch.Tensor:
@@ -126,15 +126,15 @@ def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> to
     batch, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     per_kv = n_heads // n_kv
-    slab.k[layer, rows.write_slot, :, rows.write_entry] = apply_rope_rolled(k, rows.cos_k, rows.sin_k)
-    slab.v[layer, rows.write_slot, :, rows.write_entry] = v
+    slab.k_layers[layer][rows.write_slot, :, rows.write_entry] = apply_rope_rolled(k, rows.cos_k, rows.sin_k)
+    slab.v_layers[layer][rows.write_slot, :, rows.write_entry] = v
     # [B, Hkv, frames * per_kv, D]: GQA without repeating K/V; with sinks, cache-frame rows then window-frame rows
     frames = rows.cos_q.shape[2]
     q_frames = apply_rope_rolled(q.view(batch, n_kv, 1, per_kv, head_dim), rows.cos_q, rows.sin_q, head_dim**-0.5)
     q_frames = q_frames.view(batch, n_kv, frames * per_kv, head_dim)
     count = rows.key_count
-    keys = _slot_block(slab.k, layer, rows.slots, rows.slot_range, count)
-    values = _slot_block(slab.v, layer, rows.slots, rows.slot_range, count)
+    keys = _slot_block(slab.k_layers[layer], rows.slots, rows.slot_range, count)
+    values = _slot_block(slab.v_layers[layer], rows.slots, rows.slot_range, count)
     scores = q_frames @ keys.transpose(-1, -2)  # [B, Hkv, frames * per_kv, count]
     if frames == 2:
         scores = torch.where(rows.sink_columns, scores[:, :, :per_kv], scores[:, :, per_kv:])
@@ -177,8 +177,8 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         # One frame only (window, dense, recompute past its first chunk): the fused kernel with the mask,
         # so no [T x keys] score tensor is built per layer.
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
-        ring_k = _slot_block(slab.k, layer, group.slots, group.slot_range, used)  # no sink entries without sinks
-        ring_v = _slot_block(slab.v, layer, group.slots, group.slot_range, used)
+        ring_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range, used)  # no sink entries without sinks
+        ring_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range, used)
         if group.attn_mask is None:  # [B, T, keys] -> [B, 1, per_kv * T, keys] in heads_first's query order
             window = slab.geometry.window
             mask = torch.cat([group.mask[..., steps : steps + used], group.mask[..., steps + window :]], dim=-1)
@@ -194,8 +194,8 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         )
         out[group.tokens[group.valid]] = attn[group.valid]
         return
-    slab_k = _slot_block(slab.k, layer, group.slots, group.slot_range)
-    slab_v = _slot_block(slab.v, layer, group.slots, group.slot_range)
+    slab_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range)
+    slab_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range)
     sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
     sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]
 

@@ -51,6 +51,8 @@ class KVSlab:
         shape = (geometry.n_layers, geometry.slots, geometry.n_kv_heads, geometry.capacity, geometry.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer views, made once: the layers index them without a select per step.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         # Which entries of a slot are sinks (cache frame) rather than ring (window frame).
         self.sink_columns = torch.arange(geometry.capacity, device=device) < geometry.sinks
         slots, cap = geometry.slots, geometry.capacity
