@@ -51,6 +51,9 @@ class Plan:
     profile_steps: int = 5
     # dtype of the speed sections (latency, throughput, profiles, constant cost); quality runs float32
     speed_dtype: str = "bfloat16"
+    # weights of the speed sections: int4 reads the bundled GGUF's own 4-bit blocks in decode steps (needs a
+    # 16-bit dtype); the latency and throughput sections also time dense weights side by side
+    speed_weights: str = "int4"
 
     @classmethod
     def full(cls) -> "Plan":

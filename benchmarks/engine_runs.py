@@ -100,7 +100,8 @@ def profile_steps(engine, steps: int, run_step=None, row_limit: int = 12) -> dic
         }
         for e in rows[:row_limit]
     ]
-    matmul_ops = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::mv"}
+    matmul_ops = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::mv",
+                  "aten::_weight_int4pack_mm_for_cpu"}
     attention_ops = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                      "aten::_scaled_dot_product_attention_math", "aten::softmax", "aten::_softmax"}
     matmul_ms = sum(e.self_cpu_time_total for e in averages if e.key in matmul_ops) / 1e3 / steps

@@ -54,11 +54,16 @@ def plot_latency(latency: dict, roofline: dict | None, path: Path, model: str = 
                 label="sliding window + re-computation (HF forward)")
     ax.plot(sizes, [r["hf_dense"]["median_ms"] for r in rows], marker="^", color=COLORS["hf"],
             label="dense, HF transformers generate")
+    weights = latency.get("weights", "dense")
     ax.plot(sizes, [r["streaming"]["median_ms"] for r in rows], marker="o", color=COLORS["streaming"],
-            label="StreamingLLM (sinkserve)")
+            label=f"StreamingLLM (sinkserve, {weights} weights)")
+    if all("streaming_dense" in r for r in rows):
+        ax.plot(sizes, [r["streaming_dense"]["median_ms"] for r in rows], marker="o", ls="--",
+                color=COLORS["streaming"], label="StreamingLLM (sinkserve, dense weights)")
     if roofline:
-        ax.plot(sizes, [r["floor_ms"] for r in roofline["rows"]], ls="--", color=COLORS["floor"],
-                label="floor: (weights + KV) / read bandwidth")
+        floor = [r for r in roofline["rows"] if r.get("weights", weights) == weights]
+        ax.plot([r["cache"] for r in floor], [r["floor_ms"] for r in floor], ls="--", color=COLORS["floor"],
+                label=f"floor: ({weights} weights + KV) / read bandwidth")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])

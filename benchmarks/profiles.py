@@ -7,11 +7,11 @@ from benchmarks.engine_runs import Geometry, load, profile_steps
 from benchmarks.speed import PROMPTS, _text_ids
 
 
-def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int, dtype: str):
+def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int, dtype: str, weights: str):
     from sinkserve.engine import SamplingParams
 
     engine = load(model, Geometry("streaming", cache), max_sessions=sessions, prefill_chunk=cache, dtype=dtype,
-                  max_step_tokens=max(2048, cache + 256))
+                  max_step_tokens=max(2048, cache + 256), weights=weights)
     params = SamplingParams(max_tokens=steps * 4 + 64, ignore_eos=True)
     if sessions == 1:
         ids = _text_ids(engine.tokenizer, text, cache + 128)
@@ -41,7 +41,8 @@ def run_profiles(model: str, text: str, plan: Plan) -> dict:
     ]
     for key, title, cache, sessions in shapes:
         log(f"profiling {title}")
-        engine = _decoding_engine(model, cache, sessions, text, plan.profile_steps, plan.speed_dtype)
+        engine = _decoding_engine(model, cache, sessions, text, plan.profile_steps, plan.speed_dtype,
+                                  plan.speed_weights)
         result = profile_steps(engine, plan.profile_steps)
         result["title"] = title
         result["sessions"] = sessions

@@ -51,7 +51,8 @@ def _machine(meta: dict) -> list[str]:
             ["software", f"{m['os']}; Python {m['python']}; torch {m['torch']} ({m['torch_threads']} threads); "
                          f"transformers {m['transformers']}"],
             ["model", f"{meta['model_name']} from `{meta['checkpoint']}`; speed sections in "
-                      f"{meta['plan'].get('speed_dtype', 'float32')}, quality in float32"],
+                      f"{meta['plan'].get('speed_dtype', 'float32')} with {meta['plan'].get('speed_weights', 'dense')} "
+                      "weights (dense timed beside them), quality in float32"],
             ["text", meta["text_source"]],
             ["mode", f"`{meta['plan']['name']}`; git commit `{m['git_commit']}`"],
             ["started / finished", f"{meta['started']} / {meta.get('finished', 'running')}"],
@@ -151,26 +152,36 @@ def _speed(results: dict, imgs: dict) -> list[str]:
     roof = results.get("roofline")
     if lat:
         lines += ["### Per-token decode latency vs cache size (paper Figure 10)", ""]
+        weights = lat.get("weights", "dense")
         lines += [
-            f"Batch 1, {results['meta']['plan'].get('speed_dtype', 'float32')}, median over the timed decode "
-            "steps, each from a full cache (a session rebuilt "
-            "from a longer transcript). Dense is HF transformers `generate` in the same dtype "
-            f"({lat['hf_attn_implementation']} attention) with a prompt as long as the cache.",
+            f"Batch 1, {results['meta']['plan'].get('speed_dtype', 'float32')} activations, median over the timed "
+            "decode steps, each from a full cache (a session rebuilt from a longer transcript). `streaming` and "
+            f"`recompute` run {weights} weights"
+            + (" (engine/quant.py: decode steps read the bundled GGUF's own 4-bit Q4_1 blocks, its Q8_0 output "
+               "head as two 4-bit halves, through torch's packed CPU kernel; steps of more than 8 rows, so the "
+               "recompute re-encodes, run the same values de-quantized), `streaming, dense` the same engine on "
+               "dense weights" if weights == "int4" else "")
+            + ". Dense is HF transformers `generate` in the same activation dtype with dense weights "
+            f"({lat['hf_attn_implementation']} attention) and a prompt as long as the cache.",
             "",
         ]
+        dense_col = any("streaming_dense" in r for r in lat["rows"])
         rows = []
         for r in lat["rows"]:
             rows.append([r["cache"], _num(r["streaming"]["median_ms"], 1), _num(r["streaming"].get("min_ms"), 1),
-                         _num(r["streaming"].get("cpu_ms"), 1),
-                         _num(r["recompute"]["median_ms"], 0), _num(r["hf_dense"]["median_ms"], 1),
-                         _num(r["hf_dense"].get("min_ms"), 1), _num(r["hf_dense"].get("cpu_ms"), 1),
-                         f"{r['recompute_over_streaming']:.1f}x",
-                         _num(r.get("hf_recompute", {}).get("ms"), 0),
-                         f"{r['hf_recompute_over_streaming']:.1f}x" if "hf_recompute_over_streaming" in r else "–",
-                         f"{r['hf_dense_over_streaming']:.2f}x", _num(r["streaming"]["bytes_per_session"] / 2**20, 1)])
-        lines += _table(["cache", "streaming ms", "(best)", "(CPU ms)", "recompute ms", "HF dense ms", "(best)",
-                         "(CPU ms)", "recompute / streaming", "HF recompute ms",
-                         "HF recompute / streaming", "HF dense / streaming", "KV MiB / session"], rows)
+                         _num(r["streaming"].get("cpu_ms"), 1)]
+                        + ([_num(r.get("streaming_dense", {}).get("median_ms"), 1)] if dense_col else [])
+                        + [_num(r["recompute"]["median_ms"], 0), _num(r["hf_dense"]["median_ms"], 1),
+                           _num(r["hf_dense"].get("min_ms"), 1), _num(r["hf_dense"].get("cpu_ms"), 1),
+                           f"{r['recompute_over_streaming']:.1f}x",
+                           _num(r.get("hf_recompute", {}).get("ms"), 0),
+                           f"{r['hf_recompute_over_streaming']:.1f}x" if "hf_recompute_over_streaming" in r else "–",
+                           f"{r['hf_dense_over_streaming']:.2f}x",
+                           _num(r["streaming"]["bytes_per_session"] / 2**20, 1)])
+        lines += _table(["cache", "streaming ms", "(best)", "(CPU ms)"] + (["streaming, dense ms"] if dense_col else [])
+                        + ["recompute ms", "HF dense ms", "(best)", "(CPU ms)", "recompute / streaming",
+                           "HF recompute ms", "HF recompute / streaming", "HF dense / streaming", "KV MiB / session"],
+                        rows)
         lines += ["Ratios use medians of wall time; `(best)` is the fastest single step, closer to the cost on an "
                   "idle machine; `(CPU ms)` is the CPU time this process spent per step, all threads together "
                   "(on an idle machine about threads x wall). Recompute times "
@@ -191,13 +202,15 @@ def _speed(results: dict, imgs: dict) -> list[str]:
         ])
     if roof:
         lines += [
-            "A batch-1 decode step must read every weight and the session's KV once; at the read bandwidth "
-            "above that takes the floor below.",
+            "A batch-1 decode step must read the weights it uses and the session's KV once; at the read "
+            "bandwidth above that takes the floor below (int4: the packed 4-bit weights and their scales; dense: "
+            "the 16-bit matrices; the embedding table counts only as the tied output head).",
             "",
         ]
-        lines += _table(["cache", "weights MiB", "KV MiB", "floor ms", "measured ms", "measured / floor",
+        lines += _table(["cache", "weights", "weights MiB", "KV MiB", "floor ms", "measured ms", "measured / floor",
                          "effective GB/s"],
-                        [[r["cache"], _num(r["weight_bytes"] / 2**20, 0), _num(r["kv_bytes"] / 2**20, 1),
+                        [[r["cache"], r.get("weights", "dense"), _num(r["weight_bytes"] / 2**20, 0),
+                          _num(r["kv_bytes"] / 2**20, 1),
                           _num(r["floor_ms"], 1), _num(r["measured_ms"], 1), f"{r['measured_over_floor']:.2f}x",
                           _num(r["effective_gbps"], 1)] for r in roof["rows"]])
     const = results.get("constant_cost", {})
@@ -232,9 +245,13 @@ def _speed(results: dict, imgs: dict) -> list[str]:
         lines += [
             "N sessions in one engine, each decoding; one `step()` is one batched forward over all of them. "
             "Tokens/s counts decode steps after every session's prompt is in. HF is `generate` with the same "
-            f"batch size (dense cache) in the same dtype ({thr.get('dtype', 'float32')}).",
+            f"batch size (dense cache) in the same dtype ({thr.get('dtype', 'float32')}); sinkserve runs "
+            f"{thr.get('weights', 'dense')} weights (steps of more than 8 sessions use them de-quantized).",
             "",
         ]
+        if thr.get("single_dense_tokens_per_s"):
+            lines += [f"Single session on dense weights: {thr['single_dense_tokens_per_s']:.1f} tokens/s, "
+                      f"{thr['single_dense_vs_hf']:.2f}x HF in the same dtype.", ""]
         if thr.get("hf_fp32_single_tokens_per_s"):
             lines += [f"Single session, HF `generate` in float32 (the checkpoint loaded with defaults): "
                       f"{thr['hf_fp32_single_tokens_per_s']:.1f} tokens/s; sinkserve is "

@@ -36,25 +36,31 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
         row: dict = {"cache": cache, "load_avg": load_average()}
         # recompute re-encodes the whole cache per token: at the big sizes one timed token is all we can afford
         recompute_tokens = plan.latency_recompute_tokens if cache < 2048 else 1
-        for policy, tokens in (("streaming", plan.latency_decode_tokens), ("recompute", recompute_tokens)):
+        runs = [("streaming", "streaming", plan.speed_weights, plan.latency_decode_tokens),
+                ("recompute", "recompute", plan.speed_weights, recompute_tokens)]
+        if plan.speed_weights != "dense":  # the same streaming engine on dense weights, side by side
+            runs.append(("streaming_dense", "streaming", "dense", plan.latency_decode_tokens))
+        for key, policy, weights, tokens in runs:
             # big prefill chunks: the rebuild below takes a few steps, not cache / 256
             chunk = min(cache, 1024)
             engine = load(model, Geometry(policy, cache), prefill_chunk=chunk, max_step_tokens=chunk + 256,
-                          dtype=plan.speed_dtype)
-            sid = fill_session(engine, f"lat-{policy}-{cache}", ids[: cache + 128])
+                          dtype=plan.speed_dtype, weights=weights)
+            sid = fill_session(engine, f"lat-{key}-{cache}", ids[: cache + 128])
             if policy != "recompute":
                 # a first short turn absorbs the lazy re-ingest, so the timed turn starts from a warm, full
                 # cache (recompute re-encodes everything every step anyway)
                 decode_step_times(engine, sid, CONTINUE_MESSAGE, 1)
             timing = decode_step_times(engine, sid, CONTINUE_MESSAGE, tokens)
             info = engine.session_info(sid)
-            row[policy] = {
+            row[key] = {
+                "weights": weights,
                 "median_ms": timing["median_step_s"] * 1e3,
                 "min_ms": min(timing["step_s"]) * 1e3,
                 "cpu_ms": timing["median_cpu_s"] * 1e3,
                 "steps": len(timing["step_s"]),
                 "cache_entries": info.cache_entries,
                 "bytes_per_session": int(engine.bytes_per_session),
+                "decode_weight_bytes": decode_weight_bytes(engine.model),
             }
             del engine
         prompt = torch.tensor([ids[:cache]], dtype=torch.long)
@@ -72,7 +78,28 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
             f"{row['recompute']['median_ms']:.0f} ms, HF dense {row['hf_dense']['median_ms']:.1f} ms"
         )
         rows.append(row)
-    return {"rows": rows, "hf_attn_implementation": hf.attn_implementation, "dtype": plan.speed_dtype}
+    return {"rows": rows, "hf_attn_implementation": hf.attn_implementation, "dtype": plan.speed_dtype,
+            "weights": plan.speed_weights}
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: every linear layer in the form the step uses (packed int4
+    and its scales, or the dense matrix) and the norms; the embedding table only as the (tied) output head."""
+    from sinkserve.engine.quant import PackedLinear
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            parts = [module.packed, module.scales_and_zeros, module.bias]
+        elif isinstance(module, torch.nn.Embedding):
+            continue  # a lookup reads one row
+        else:
+            parts = list(module.parameters(recurse=False))
+        for t in parts:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
 
 
 PROMPTS = [
@@ -94,7 +121,7 @@ def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
     rows = []
     for sessions in tqdm(plan.throughput_sessions, desc="batched throughput", unit="batch"):
         engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=sessions,
-                      dtype=plan.speed_dtype)
+                      dtype=plan.speed_dtype, weights=plan.speed_weights)
         sids = [engine.open_session() for _ in range(sessions)]
         params = SamplingParams(max_tokens=plan.throughput_decode_steps + 8, ignore_eos=True)
         for i, sid in enumerate(sids):
@@ -139,6 +166,13 @@ def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
     hf_single = rows[0]["hf_batch_tokens_per_s"] if rows and rows[0]["sessions"] == 1 else None
     for row in rows:
         row["scaling_vs_1"] = row["tokens_per_s"] / single if single else None
+    single_dense = None
+    if plan.speed_weights != "dense":  # the same single session on dense weights
+        engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=1, dtype=plan.speed_dtype)
+        sid = engine.open_session()
+        timing = decode_step_times(engine, sid, PROMPTS[0], plan.throughput_decode_steps)
+        single_dense = 1 / timing["median_step_s"]
+        del engine
     return {
         "cache": plan.throughput_cache,
         "rows": rows,
@@ -146,6 +180,9 @@ def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
         "hf_single_tokens_per_s": hf_single,
         "single_vs_hf": single / hf_single if single and hf_single else None,
         "dtype": plan.speed_dtype,
+        "weights": plan.speed_weights,
+        "single_dense_tokens_per_s": single_dense,
+        "single_dense_vs_hf": single_dense / hf_single if single_dense and hf_single else None,
         "hf_fp32_single_tokens_per_s": hf_fp32_single,
         "single_vs_hf_fp32": single / hf_fp32_single if single and hf_fp32_single else None,
     }
@@ -160,7 +197,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     from sinkserve.engine import SamplingParams
 
     engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache,
-                  dtype=plan.speed_dtype)
+                  dtype=plan.speed_dtype, weights=plan.speed_weights)
     tokenizer = engine.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens
@@ -246,43 +283,31 @@ def flatness(samples: list[dict], early_tokens: int = 10_000) -> dict:
     }
 
 
-def weight_bytes(checkpoint, dtype: str = "float32") -> int:
-    """Bytes of every tensor in the checkpoint at `dtype` (a tied embedding is stored, and read, once)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(Path(checkpoint).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                numel = 1
-                for dim in sl.get_shape():
-                    numel *= dim
-                total += numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return total
-
-
-def roofline(latency: dict, weights: int, bandwidth: dict) -> dict:
-    """Measured streaming decode step vs the floor (weights + the session's KV read once at read bandwidth)."""
+def roofline(latency: dict, bandwidth: dict) -> dict:
+    """Measured streaming decode step vs the floor: the weights it reads and the session's KV, once, at the
+    read bandwidth. One row per cache size and weight format timed."""
     read = bandwidth["read_gbps"] * 1e9
     rows = []
     for row in latency["rows"]:
-        kv = row["streaming"]["bytes_per_session"]
-        floor_ms = (weights + kv) / read * 1e3
-        rows.append(
-            {
-                "cache": row["cache"],
-                "weight_bytes": weights,
-                "kv_bytes": kv,
-                "floor_ms": floor_ms,
-                "measured_ms": row["streaming"]["median_ms"],
-                "measured_over_floor": row["streaming"]["median_ms"] / floor_ms,
-                "effective_gbps": (weights + kv) / (row["streaming"]["median_ms"] / 1e3) / 1e9,
-            }
-        )
+        for key in ("streaming", "streaming_dense"):
+            run = row.get(key)
+            if not run:
+                continue
+            weights, kv = run["decode_weight_bytes"], run["bytes_per_session"]
+            floor_ms = (weights + kv) / read * 1e3
+            rows.append(
+                {
+                    "cache": row["cache"],
+                    "weights": run["weights"],
+                    "weight_bytes": weights,
+                    "kv_bytes": kv,
+                    "floor_ms": floor_ms,
+                    "measured_ms": run["median_ms"],
+                    "measured_over_floor": run["median_ms"] / floor_ms,
+                    "effective_gbps": (weights + kv) / (run["median_ms"] / 1e3) / 1e9,
+                }
+            )
     return {"read_gbps": bandwidth["read_gbps"], "rows": rows}
 
 
-__all__ = ["decode_latency", "batched_throughput", "constant_cost", "roofline", "weight_bytes", "Stopwatch"]
+__all__ = ["decode_latency", "batched_throughput", "constant_cost", "roofline", "decode_weight_bytes", "Stopwatch"]
