@@ -61,6 +61,13 @@ BAD_VALUES = {
         {"engine": {"device": "cuda"}, "replica": {"numGpus": 0}},
         "engine.device is \"cuda\" but replica.numGpus is 0",
     ),
+    "int4 weights in float32": (
+        {"engine": {"weights": "int4", "dtype": "float32", "device": "cpu"}, "replica": {"numGpus": 0},
+         "ray": {"workerGroups": [{**ONE_GPU_GROUP, "gpus": 0}]}},
+        "engine.weights int4 needs engine.dtype bfloat16 or float16",
+    ),
+    "int4 weights on gpus": ({"engine": {"weights": "int4"}}, "engine.weights int4 runs torch's packed CPU kernel"),
+    "unknown weights": ({"engine": {"weights": "int8"}}, "/engine/weights"),
     "tls without a secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls.enabled needs gateway.tls.secretName"),
     "duplicate worker groups": (
         {"ray": {"workerGroups": [ONE_GPU_GROUP, ONE_GPU_GROUP]}},

@@ -35,6 +35,8 @@ def test_app_args_load_with_the_apps_own_settings(rendered):
     assert settings.engine.window == v["engine"]["window"]
     assert settings.engine.max_sessions == v["engine"]["slotsPerReplica"]
     assert settings.engine.dtype == v["engine"]["dtype"]
+    assert settings.engine.weights == v["engine"]["weights"]
+    assert settings.engine.packed_max_rows == v["engine"]["packedMaxRows"]
     assert settings.replica.num_gpus == v["replica"]["numGpus"]
     assert settings.replica.tensor_parallel == v["replica"]["tensorParallel"]
     assert settings.router.lease_ttl_s == v["router"]["leaseTtlS"]

@@ -42,6 +42,22 @@ async def test_claims_fence_the_previous_owner(registry):
     assert (await registry.get_session(sid)).turns == 1
 
 
+async def test_transcript_ends_read_only_what_a_rebuild_needs(registry):
+    sid = (await registry.create_session("acme", max_sessions=10)).session_id
+    await registry.claim(sid, 0, "replica-a", 10_000)
+    entries = [list(range(i * 10, i * 10 + 10)) for i in range(50)]  # 500 tokens, 10 per entry
+    for entry in entries:
+        await registry.append_transcript(sid, "replica-a", 1, entry, count_turn=True)
+    flat = [t for e in entries for t in e]
+    ids, total = await registry.transcript_ends(sid, 4, 25)
+    assert total == 500
+    assert ids == flat[:10] + flat[-30:]  # whole entries: one from the front, three from the back
+    ids, total = await registry.transcript_ends(sid, 0, 10)  # no sinks (window policy)
+    assert (ids, total) == (flat[-10:], 500)
+    ids, total = await registry.transcript_ends(sid, 250, 300)  # the ends meet: the whole log, once
+    assert (ids, total) == (flat, 500)
+
+
 async def test_release_and_delete(registry):
     sid = (await registry.create_session("acme", max_sessions=10)).session_id
     await registry.claim(sid, 0, "replica-a", 10_000)

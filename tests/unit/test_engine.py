@@ -109,6 +109,17 @@ def test_multi_turn_transcript_rebuilds_same_cache(make_engine):
     assert len(a) == len(b) == 8
     assert twin.session_info("copy").cache_entries == 36
     assert twin.session_info("copy").tokens_seen == engine.session_info(sid).tokens_seen
+    # The log's two ends are enough (what a replica reads from Redis): the same cache, the same next turn.
+    ends = make_engine(sinks=4, window=32)
+    ends.import_session("ends", transcript[:10] + transcript[-40:], total_tokens=len(transcript))
+    c = run_turn(ends, "ends", "next", max_tokens=8, ignore_eos=True)
+    assert [o.token_id for o in c] == [o.token_id for o in b]
+    assert ends.session_info("ends").tokens_seen == twin.session_info("copy").tokens_seen
+    with pytest.raises(InvalidRequest, match="partial transcript needs its first 4 and last 32 ids"):
+        ends.import_session("short", transcript[:10], total_tokens=len(transcript))
+    with pytest.raises(InvalidRequest, match="shorter than"):
+        ends.import_session("short", transcript, total_tokens=3)
+    assert "short" not in ends.sessions()
 
 
 def test_transcript_without_eviction_reproduces_exactly(make_engine):

@@ -186,6 +186,14 @@ that names the values to change.
 {{- if and (eq (float64 $r.numGpus) 0.0) (hasPrefix "cuda" .Values.engine.device) }}
 {{- fail (printf "engine.device is %q but replica.numGpus is 0: a replica would see no GPU" .Values.engine.device) }}
 {{- end }}
+{{- if eq .Values.engine.weights "int4" }}
+{{- if eq .Values.engine.dtype "float32" }}
+{{- fail "engine.weights int4 needs engine.dtype bfloat16 or float16 (torch's float32 int4 kernel is a slow reference path)" }}
+{{- end }}
+{{- if or (gt (float64 $r.numGpus) 0.0) (hasPrefix "cuda" .Values.engine.device) }}
+{{- fail "engine.weights int4 runs torch's packed CPU kernel: set replica.numGpus 0 and engine.device cpu, or engine.weights dense" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.gateway.tls.enabled (not .Values.gateway.tls.secretName) }}
 {{- fail "gateway.tls.enabled needs gateway.tls.secretName (a kubernetes.io/tls Secret)" }}
 {{- end }}

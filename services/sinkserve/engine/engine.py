@@ -180,19 +180,30 @@ class Engine:
         session.unlogged = list(session.feed)
         return session.id
 
-    def import_session(self, session_id: str, transcript: list[int]) -> str:
+    def import_session(self, session_id: str, transcript: list[int], total_tokens: int | None = None) -> str:
         """Rebuild a session from its transcript: the first `sinks` ids and the last `window` ids are
-        re-ingested (lazily, with the next message), which is what its cache held."""
+        re-ingested (lazily, with the next message), which is what its cache held.
+
+        With `total_tokens` (the transcript's full length) `transcript` may be just its two ends, concatenated:
+        at least the first `sinks` and the last `window` ids, so a long log need not be read whole."""
         if any((not isinstance(t, int)) or t < 0 or t >= self.model.args.vocab_size for t in transcript):
             raise InvalidRequest("transcript holds ids outside the vocabulary")
-        if self.policy == "dense" and len(transcript) > self.capacity:
-            raise ContextOverflow(f"transcript of {len(transcript)} tokens exceeds dense capacity {self.capacity}")
+        total = len(transcript) if total_tokens is None else total_tokens
+        if total < len(transcript):
+            raise InvalidRequest(f"total_tokens {total} is shorter than the {len(transcript)} ids given")
+        if total > len(transcript) and len(transcript) < self.capacity:
+            raise InvalidRequest(
+                f"a partial transcript needs its first {self.sinks} and last {self.window} ids "
+                f"({self.capacity} at least), got {len(transcript)}"
+            )
+        if self.policy == "dense" and total > self.capacity:
+            raise ContextOverflow(f"transcript of {total} tokens exceeds dense capacity {self.capacity}")
         session = self._new_session(session_id)
         keep = list(transcript)
-        if len(keep) > self.capacity:
+        if len(keep) > self.capacity or total > len(keep):
             keep = keep[: self.sinks] + keep[len(keep) - self.window :]
         session.feed = keep
-        session.seen_offset = len(transcript) - len(keep)
+        session.seen_offset = total - len(keep)
         return session.id
 
     def close_session(self, session_id: str) -> None:

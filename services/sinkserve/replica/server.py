@@ -304,7 +304,7 @@ class SinkServeReplica:
             return
         # A parked cache under the current epoch resumes bit-exact; anything else is rebuilt from the log.
         read_log = self.parked.get(sid) != epoch
-        transcript = await self.registry.transcript(sid) if read_log else []
+        transcript = await self._transcript_ends(sid) if read_log else ([], 0)
 
         # One residency change at a time: two turns must not both count the same free slot.
         async with self._slots_lock:
@@ -316,8 +316,8 @@ class SinkServeReplica:
                 await self._drop(sid)  # held under an older epoch: another replica served it since
             resume = self.parked.get(sid) == epoch
             if not resume and not read_log:  # its parked cache was dropped meanwhile
-                transcript = await self.registry.transcript(sid)
-            token_ids = [t for entry in transcript for t in entry]
+                transcript = await self._transcript_ends(sid)
+            token_ids, total_tokens = transcript
             system_prompt = record.system_prompt or None
 
             victim = await self._evict_for_slot(deadline_unix)
@@ -340,7 +340,7 @@ class SinkServeReplica:
                     if resume:
                         engine.unpark(sid)
                     elif token_ids:
-                        engine.import_session(sid, token_ids)
+                        engine.import_session(sid, token_ids, total_tokens)
                     else:
                         engine.open_session(session_id=sid, system_prompt=system_prompt)
                 except Exception as err:  # noqa: BLE001 - mapped below, after the bookkeeping
@@ -365,6 +365,11 @@ class SinkServeReplica:
                 self.rebuilt += 1
                 self._metrics.count("rebuilds")
             self.resident[sid] = epoch
+
+    async def _transcript_ends(self, sid: str) -> tuple[list[int], int]:
+        """What a rebuild reads: the transcript's first `sinks` and last `window` ids (whole entries from both
+        ends, never the middle of a long log) and its length."""
+        return await self.registry.transcript_ends(sid, self.engine.sinks, self.engine.window)
 
     async def _evict_for_slot(self, deadline_unix: float | None = None) -> str | None:
         """Find a slot: None when one is free, else the least recently used idle session to park (the

@@ -178,6 +178,35 @@ end
 return redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
 """
 
+_TRANSCRIPT_ENDS = """
+-- KEYS: session hash, transcript. ARGV: head tokens, tail tokens (4 bytes per token in an entry).
+-- Reads entries from the front until `head` tokens and from the back until `tail` tokens, never the middle
+-- of a long log. Reply: {total tokens, head entry count, head entries..., tail entries...}.
+local n = redis.call('LLEN', KEYS[2])
+local want_head, want_tail = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, head_tokens, i = {}, 0, 0
+while i < n and head_tokens < want_head do
+  local blob = redis.call('LINDEX', KEYS[2], i)
+  out[#out + 1] = blob
+  head_tokens = head_tokens + #blob / 4
+  i = i + 1
+end
+local heads = #out
+local tail, tail_tokens, j = {}, 0, n - 1
+while j >= i and tail_tokens < want_tail do
+  local blob = redis.call('LINDEX', KEYS[2], j)
+  tail[#tail + 1] = blob
+  tail_tokens = tail_tokens + #blob / 4
+  j = j - 1
+end
+for k = #tail, 1, -1 do out[#out + 1] = tail[k] end
+local total = head_tokens + tail_tokens
+if j >= i then total = tonumber(redis.call('HGET', KEYS[1], 'tokens_seen') or '0') end  -- entries skipped
+table.insert(out, 1, heads)
+table.insert(out, 1, total)
+return out
+"""
+
 _RELEASE = """
 -- KEYS: session hash, lease. ARGV: owner, epoch, key prefix, session id. Gives a session up (drain).
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
@@ -216,6 +245,7 @@ class Registry:
         self._renew = client.register_script(_RENEW)
         self._append = client.register_script(_APPEND)
         self._release = client.register_script(_RELEASE)
+        self._transcript_ends = client.register_script(_TRANSCRIPT_ENDS)
         self._delete = client.register_script(_DELETE)
         self._unlock = client.register_script(_UNLOCK)
 
@@ -398,6 +428,14 @@ class Registry:
 
     async def transcript(self, sid: str) -> list[list[int]]:
         return [unpack_tokens(blob) for blob in await self.redis.lrange(self._tx(sid), 0, -1)]
+
+    async def transcript_ends(self, sid: str, head_tokens: int, tail_tokens: int) -> tuple[list[int], int]:
+        """At least the first `head_tokens` and the last `tail_tokens` ids of the transcript (whole entries,
+        read from both ends only), and the transcript's total length: what a rebuild needs."""
+        reply = await self._transcript_ends(keys=[self.session_key(sid), self._tx(sid)],
+                                            args=[head_tokens, tail_tokens])
+        total, blobs = int(reply[0]), reply[2:]
+        return [t for blob in blobs for t in unpack_tokens(blob)], total
 
     async def transcript_len(self, sid: str) -> int:
         return int(await self.redis.llen(self._tx(sid)))
