@@ -79,7 +79,11 @@ def plot_constant_cost(run: dict, path: Path) -> str:
     samples = run["samples"]
     xs = [s["tokens_seen"] for s in samples]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    ax1.plot(xs, [s["decode_ms"] for s in samples], lw=1, color=COLORS["streaming"])
+    ax1.plot(xs, [s["decode_ms"] for s in samples], lw=1, color=COLORS["streaming"], label="the stream")
+    if all("control_decode_ms" in s for s in samples):
+        ax1.plot(xs, [s["control_decode_ms"] for s in samples], lw=1, color="tab:gray", alpha=0.8,
+                 label="control: a fresh session with a full cache, timed at each sample")
+        ax1.legend(fontsize=8, loc="lower right")
     ax1.set_ylabel("decode ms / token")
     ax1.set_ylim(bottom=0)
     ax1.grid(alpha=0.3)

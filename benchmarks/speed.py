@@ -193,11 +193,16 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
 
     The stream is a chat: each turn sends the next slice of the text (ingested by chunked prefill) and then
     decodes `probe_tokens` tokens, whose step times are the latency sample at that position.
+
+    A control runs beside it: at every sample a fresh session, rebuilt from a transcript just long enough to
+    fill its cache, decodes as many tokens. It does the same work per token at a fixed, early position, so the
+    stream's time over the control's separates a cost that grows with position from the machine's own speed
+    drifting during the run.
     """
     from sinkserve.engine import SamplingParams
 
     engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache,
-                  dtype=plan.speed_dtype, weights=plan.speed_weights)
+                  dtype=plan.speed_dtype, weights=plan.speed_weights, max_sessions=2)
     tokenizer = engine.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens
@@ -231,10 +236,16 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
         info = engine.session_info(sid)
         bar.update(info.tokens_seen - seen)
         seen = info.tokens_seen
+        control = fill_session(engine, "control", ids[: plan.constant_cache + 64])
+        decode_step_times(engine, control, CONTINUE_MESSAGE, 1)  # absorbs the lazy re-ingest
+        control_ms = decode_step_times(engine, control, CONTINUE_MESSAGE, probe_tokens)["median_step_s"] * 1e3
+        engine.close_session(control)
         samples.append(
             {
                 "tokens_seen": seen,
                 "decode_ms": median(decode_s) * 1e3,
+                "control_decode_ms": control_ms,
+                "over_control": median(decode_s) * 1e3 / control_ms,
                 "prefill_ms_per_token": prefill_s * 1e3 / max(message_len, 1),
                 "rss_mib": rss_bytes() / 2**20,
                 "cache_entries": info.cache_entries,
@@ -262,7 +273,8 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
 
 
 def flatness(samples: list[dict], early_tokens: int = 10_000) -> dict:
-    """Compare the first `early_tokens` of the stream with its last tenth: latency and RSS ratios."""
+    """Compare the first `early_tokens` of the stream with its last tenth: latency and RSS ratios. Also a
+    least-squares line through every latency sample, so a drift can be told from noise in the two windows."""
     if not samples:
         return {}
     total = samples[-1]["tokens_seen"]
@@ -272,10 +284,37 @@ def flatness(samples: list[dict], early_tokens: int = 10_000) -> dict:
     late_ms = median([s["decode_ms"] for s in late])
     early_rss = median([s["rss_mib"] for s in early])
     late_rss = median([s["rss_mib"] for s in late])
+    xs = [s["tokens_seen"] for s in samples]
+
+    def fitted_ratio(ys: list[float]) -> float | None:
+        """A least-squares line through (tokens, y): its value at the end over its value at `early_tokens`."""
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread_x = sum((x - mean_x) ** 2 for x in xs)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread_x if spread_x else 0.0
+        start = mean_y + slope * (min(early_tokens, total) - mean_x)
+        return (mean_y + slope * (total - mean_x)) / start if start > 0 else None
+
+    ys = [s["decode_ms"] for s in samples]
+    ordered = sorted(ys)
+    control = {}
+    if all("over_control" in s for s in samples):
+        over = [s["over_control"] for s in samples]
+        control = {
+            "over_control_median": median(over),
+            "over_control_ratio": median([s["over_control"] for s in late]) / median([s["over_control"] for s in early]),
+            "over_control_fit_ratio": fitted_ratio(over),
+            "control_fit_ratio": fitted_ratio([s["control_decode_ms"] for s in samples]),
+        }
     return {
         "early_decode_ms": early_ms,
         "late_decode_ms": late_ms,
         "latency_ratio": late_ms / early_ms,
+        "early_samples": len(early),
+        "late_samples": len(late),
+        "fit_ratio": fitted_ratio(ys),  # the fitted line, end over 10k tokens
+        **control,
+        "decode_ms_p10": ordered[len(ordered) // 10],
+        "decode_ms_p90": ordered[(9 * len(ordered)) // 10],
         "early_rss_mib": early_rss,
         "late_rss_mib": late_rss,
         "rss_ratio": late_rss / early_rss,
