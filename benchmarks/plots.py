@@ -90,7 +90,7 @@ def plot_constant_cost(run: dict, path: Path) -> str:
     ax1.set_title(f"Constant cost along {run['total_tokens']:,} tokens: {run['label']} (cache {run['cache']})")
     ax2.plot(xs, [s["rss_mib"] for s in samples], lw=1, color="tab:green")
     ax2.set_ylabel("process RSS (MiB)")
-    ax2.set_ylim(bottom=0)
+    ax2.set_ylim(0, max(s["rss_mib"] for s in samples) * 1.15)  # a flat line stays off the frame
     ax2.set_xlabel("tokens through the session")
     ax2.grid(alpha=0.3)
     return _save(fig, path)
