@@ -93,7 +93,7 @@ def stack_settings(checkpoint: Path, redis_url: str, **overrides: Any) -> Settin
         },
         router={"lease_ttl_s": 10},
         redis={"url": redis_url, "key_prefix": "it"},
-        gateway={"host": "127.0.0.1", "port": 0, "max_message_bytes": 2048, "max_new_tokens": 2048},
+        gateway={"host": "127.0.0.1", "port": 0, "max_message_bytes": 2048, "max_new_tokens": 100_000},
         **overrides,
     )
 

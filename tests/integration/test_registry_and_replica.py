@@ -277,7 +277,9 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
             await replica.create(session_id=sid)
 
         async def long_turn(sid):
-            params = {"max_tokens": 400, "ignore_eos": True}
+            # Long enough never to end by itself while the test runs (decode speed must not matter): the
+            # test cancels these turns, as a client would, to free the slots.
+            params = {"max_tokens": 1_000_000, "ignore_eos": True}
             return [e async for e in replica.chat(session_id=sid, text="go on", params=params)]
 
         busy = [asyncio.create_task(long_turn(sid)) for sid in sids[:2]]
@@ -292,7 +294,9 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
         waiting = asyncio.create_task(_drain(replica, sids[2], "me too"))
         await asyncio.sleep(0.2)
         assert not waiting.done() and replica._waiting == 1
-        await asyncio.gather(*busy)
+        for task in busy:  # the clients go away: their sessions go idle and a slot can be handed over
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
         events = await waiting
         assert events[-1]["final"]["turn"] == 1
     finally:
