@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sinkserve.engine.kv_cache import KVSlab
-from sinkserve.engine.rope import apply_rope, apply_rope_rolled
+from sinkserve.engine.rope import apply_rope
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DecodeRows:
     mask: torch.Tensor | None  # [B, key_count] additive 0 / -inf (model dtype); None when every row fills them
     sink_columns: torch.Tensor | None  # bool [key_count]: sink entries (cache frame); None without sinks
     # [B, 1, frames, 1, rot_dim]: frames = (cache, window) with sinks, (window,) without; the softmax scale
-    # is folded in, and sin carries rotate-half's sign (apply_rope_rolled)
+    # is folded in, and sin carries rotate-half's sign (apply_rope)
     cos_q: torch.Tensor
     sin_q: torch.Tensor
     cos_k: torch.Tensor  # [B, 1, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
@@ -72,12 +72,13 @@ class StepBatch:
     decode: DecodeRows | None
     groups: list[AttnGroup]  # chunked prefill; their tables below are over all N tokens
     logits_index: torch.Tensor  # [M] flat indices whose logits the step returns
-    cos_cache: torch.Tensor | None = None  # [N, rot_dim] rotation by cache position (against sinks)
+    # sin tables carry rotate-half's sign (apply_rope)
+    cos_cache: torch.Tensor | None = None  # [N, 1, rot_dim] rotation by cache position (against sinks)
     sin_cache: torch.Tensor | None = None
-    cos_window: torch.Tensor | None = None  # [N, rot_dim] rotation by window-frame position (against the ring)
+    cos_window: torch.Tensor | None = None  # [N, 1, rot_dim] rotation by window-frame position (against the ring)
     sin_window: torch.Tensor | None = None
     chunk_rows: torch.Tensor | None = None  # flat indices of the chunk tokens, written after attention
-    cos_store: torch.Tensor | None = None  # [chunk tokens, rot_dim] the frame each chunk key is stored in
+    cos_store: torch.Tensor | None = None  # [chunk tokens, 1, rot_dim] the frame each chunk key is stored in
     sin_store: torch.Tensor | None = None
     write_slot: torch.Tensor | None = None  # [chunk tokens]
     write_entry: torch.Tensor | None = None  # [chunk tokens] entry index inside the slot
@@ -126,11 +127,11 @@ def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> to
     batch, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     per_kv = n_heads // n_kv
-    slab.k_layers[layer][rows.write_slot, :, rows.write_entry] = apply_rope_rolled(k, rows.cos_k, rows.sin_k)
+    slab.k_layers[layer][rows.write_slot, :, rows.write_entry] = apply_rope(k, rows.cos_k, rows.sin_k)
     slab.v_layers[layer][rows.write_slot, :, rows.write_entry] = v
     # [B, Hkv, frames * per_kv, D]: GQA without repeating K/V; with sinks, cache-frame rows then window-frame rows
     frames = rows.cos_q.shape[2]
-    q_frames = apply_rope_rolled(q.view(batch, n_kv, 1, per_kv, head_dim), rows.cos_q, rows.sin_q, head_dim**-0.5)
+    q_frames = apply_rope(q.view(batch, n_kv, 1, per_kv, head_dim), rows.cos_q, rows.sin_q, head_dim**-0.5)
     q_frames = q_frames.view(batch, n_kv, frames * per_kv, head_dim)
     count = rows.key_count
     keys = _slot_block(slab.k_layers[layer], rows.slots, rows.slot_range, count)

@@ -104,8 +104,8 @@ class Engine:
         self.cos, self.sin = rope_table(self.inv_freq, self.rope_positions, self.dtype, self.device)
         # Decode queries: the softmax scale folded into their rotation; rotate-half's sign folded into sin.
         scale = args.head_dim**-0.5
-        self.cos_query, self.sin_query = self.cos * scale, rotate_half_sign(self.sin) * scale
         self.sin_signed = rotate_half_sign(self.sin)
+        self.cos_query, self.sin_query = self.cos * scale, self.sin_signed * scale
 
         self.chat_format = ChatFormat(tokenizer)
         self.eos_ids = _eos_ids(hf_config, tokenizer)
@@ -451,6 +451,7 @@ class Engine:
         window_position = position - base[row_of_token]
         store_position = torch.where(is_sink, cache_position, window_position)
         token_ids = torch.tensor([t for r in rows for t in r.ids], device=device)
+        write_slot, write_entry = slots[row_of_token], self.slab.write_index(position)
 
         logits_index, logits_rows = [], []
         cursor = 0
@@ -466,26 +467,29 @@ class Engine:
         multi = [i for i, n in enumerate(lengths) if n > 1]
         batch = StepBatch(
             token_ids=token_ids,
-            decode=self._decode_rows(single, slots, n_seen, starts, cache_position, window_position,
-                                     store_position, decode_only=not multi) if single else None,
+            decode=self._decode_rows(single, starts, n_seen, cache_position, window_position, store_position,
+                                     write_slot, write_entry, decode_only=not multi) if single else None,
             groups=[self._group(multi, lengths, starts, slots, n_seen, position)] if multi else [],
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         )
         if multi:
             chunk_rows = None if not single else torch.nonzero(lengths_t[row_of_token] > 1).squeeze(1)
-            chunk_store = store_position if chunk_rows is None else store_position[chunk_rows]
-            batch.cos_cache, batch.sin_cache = self.cos[cache_position], self.sin[cache_position]
-            batch.cos_window, batch.sin_window = self.cos[window_position], self.sin[window_position]
+
+            def chunk(x: torch.Tensor) -> torch.Tensor:
+                return x if chunk_rows is None else x[chunk_rows]
+
+            def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n, 1, rot]: over heads
+                return self.cos[positions][:, None], self.sin_signed[positions][:, None]
+
+            batch.cos_cache, batch.sin_cache = tables(cache_position)
+            batch.cos_window, batch.sin_window = tables(window_position)
             batch.chunk_rows = chunk_rows
-            batch.cos_store, batch.sin_store = self.cos[chunk_store], self.sin[chunk_store]
-            chunk_positions = position if chunk_rows is None else position[chunk_rows]
-            batch.write_slot = slots[row_of_token] if chunk_rows is None else slots[row_of_token][chunk_rows]
-            batch.write_entry = self.slab.write_index(chunk_positions)
+            batch.cos_store, batch.sin_store = tables(chunk(store_position))
+            batch.write_slot, batch.write_entry = chunk(write_slot), chunk(write_entry)
         logits = self.model(self.slab, batch) if logits_index else None
         if logits is None:
             self._forward_no_logits(batch)
         # Bookkeeping after the forward: entries now hold these tokens.
-        write_slot, write_entry = slots[row_of_token], self.slab.write_index(position)
         self.slab.entry_position[write_slot, write_entry] = position
         self.slab.entry_token[write_slot, write_entry] = token_ids
         self.slab.tokens_seen.index_add_(0, slots, lengths_t)
@@ -520,9 +524,7 @@ class Engine:
         sink_mask = (torch.arange(sinks, device=device)[None, :] < seen[:, None])[:, None, :].expand(-1, steps, -1)
         ring_position = self.slab.entry_position[group_slots, sinks:]  # [B, W]
         ring = (ring_position >= 0)[:, None, :] & (t_q[:, :, None] - ring_position[:, None, :] <= window - 1)
-        slot_list = group_slots.tolist()
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
-        slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
+        slot_range = _slot_range(group_slots)
         causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
         key_valid = valid[:, None, :]
         chunk_sink = key_valid & causal & (t_q < sinks)[:, None, :]
@@ -536,15 +538,13 @@ class Engine:
         chunk_only = sinks == 0 and ring_used == 0 and steps <= window
         return AttnGroup(group_slots, slot_range, tokens, valid, mask, chunk_only=chunk_only, ring_used=ring_used)
 
-    def _decode_rows(self, members, slots, n_seen, starts, cache_position, window_position, store_position,
-                     decode_only: bool) -> DecodeRows:
+    def _decode_rows(self, members, starts, n_seen, cache_position, window_position, store_position,
+                     write_slot, write_entry, decode_only: bool) -> DecodeRows:
         device, sinks = self.device, self.sinks
         idx = torch.tensor(members, device=device)
         rows = starts[idx]  # one token per member: its flat index
-        group_slots, seen = slots[idx], n_seen[idx]
-        slot_list = group_slots.tolist()
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
-        slot_range = (slot_list[0], slot_list[-1] + 1) if contiguous else None
+        group_slots, seen = write_slot[rows], n_seen[idx]
+        slot_range = _slot_range(group_slots)
         # Entries are written in order (sinks, then the ring until it wraps), so once this token is written a
         # slot holds exactly its first `filled` entries.
         filled = (seen + 1).clamp(max=self.capacity)
@@ -571,7 +571,7 @@ class Engine:
             cos_k=self.cos[store_pos][:, None],
             sin_k=self.sin_signed[store_pos][:, None],
             write_slot=group_slots,
-            write_entry=self.slab.write_index(seen),
+            write_entry=write_entry[rows],
         )
 
     def _maybe_rebase(self, slots: torch.Tensor, n_seen: torch.Tensor, lengths: list[int]) -> None:
@@ -654,6 +654,13 @@ class Engine:
         finally:
             for slot in taken:
                 self._release_slot(slot)
+
+
+def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when `slots` are consecutive (the slab is then sliced, not gathered), else None."""
+    slot_list = slots.tolist()
+    contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+    return (slot_list[0], slot_list[-1] + 1) if contiguous else None
 
 
 def _eos_ids(hf_config: dict, tokenizer) -> frozenset[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sinkserve.engine.rope import apply_rope, rope_for_offsets
+from sinkserve.engine.rope import apply_rope, rope_for_offsets, rotate_half_sign
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class KVSlab:
         """Move the window frame of `slots` to `new_base`: rotate their ring keys by -(new_base - base)."""
         s = self.geometry.sinks
         cos, sin = rope_for_offsets(inv_freq, self.base[slots] - new_base, self.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over [slot, head, entry]
+        cos, sin = cos[:, None, None, :], rotate_half_sign(sin)[:, None, None, :]  # over [slot, head, entry]
         for layer in range(self.geometry.n_layers):
             ring = self.k[layer, slots, :, s:]
             self.k[layer, slots, :, s:] = apply_rope(ring, cos, sin)

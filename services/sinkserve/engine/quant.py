@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sinkserve.engine.models import embedding, output_head
+
 GROUP = 32
 
 
@@ -94,26 +96,13 @@ def quantize_model(model: nn.Module, max_rows: int) -> None:
     The output head gets Q8_0 blocks: it is what GGUF files keep at 8 bits (and, tied, the embedding table).
     A tied embedding is re-tied to the head's de-quantized weights, so the lookup reads the same values.
     """
-    head = _output_head(model)
-    tied = head.weight is _embedding(model).weight
+    head, table = output_head(model), embedding(model)
+    tied = head.weight is table.weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 packed = PackedLinear(child, max_rows, split_q8=child is head)
                 setattr(parent, name, packed)
                 if child is head and tied:
-                    _embedding(model).weight = packed.weight
+                    table.weight = packed.weight
 
-
-def _output_head(model: nn.Module) -> nn.Linear:
-    for name in ("output", "embed_out"):
-        if isinstance(getattr(model, name, None), nn.Linear):
-            return getattr(model, name)
-    raise TypeError(f"{type(model).__name__} has no output head to quantize")
-
-
-def _embedding(model: nn.Module) -> nn.Embedding:
-    for name in ("tok_embeddings", "embed_in"):
-        if isinstance(getattr(model, name, None), nn.Embedding):
-            return getattr(model, name)
-    raise TypeError(f"{type(model).__name__} has no embedding table")

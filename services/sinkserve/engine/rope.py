@@ -44,32 +44,17 @@ def rope_for_offsets(inv_freq: torch.Tensor, offsets: torch.Tensor, dtype: torch
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features of x [..., heads, head_dim]; cos/sin are [..., rot_dim]
-    (broadcast over heads). Features past rot_dim (GPT-NeoX partial rotary) pass through."""
-    rot_dim = cos.shape[-1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if rot_dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def rotate_half_sign(sin: torch.Tensor) -> torch.Tensor:
-    """sin [..., rot_dim] with rotate-half's sign folded in, for `apply_rope_rolled`."""
+    """sin [..., rot_dim] with rotate-half's sign folded in, for `apply_rope`."""
     half = sin.shape[-1] // 2
     return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, pass_scale: float = 1.0):
-    """apply_rope in three operators for the decode path: rotate_half(x) * sin == roll(x) * sin_signed.
-    cos/sin broadcast against x's [..., rot_dim] as given (no heads axis is added); features past rot_dim
-    are multiplied by `pass_scale` (the softmax scale when it is folded into a query's cos/sin)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, pass_scale: float = 1.0):
+    """Rotate the first rot_dim features of x [..., head_dim] (the rotate-half convention), in three operators:
+    rotate_half(x) * sin == roll(x) * sin_signed. cos/sin_signed [..., rot_dim] broadcast against x as given
+    (the caller adds the heads axis); features past rot_dim (GPT-NeoX partial rotary) are multiplied by
+    `pass_scale` (the softmax scale when it is folded into a query's cos/sin)."""
     rot_dim = cos.shape[-1]
     if rot_dim == x.shape[-1]:
         return torch.addcmul(x * cos, x.roll(rot_dim // 2, -1), sin_signed)

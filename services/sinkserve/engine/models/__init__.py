@@ -51,11 +51,25 @@ def load_model(
         model = family.Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
     if args.tie_embeddings:  # assign=True replaced the parameters; re-tie them
-        out = model.output if hasattr(model, "output") else model.embed_out
-        emb = model.tok_embeddings if hasattr(model, "tok_embeddings") else model.embed_in
-        out.weight = emb.weight
+        output_head(model).weight = embedding(model).weight
     if weights == "int4":
         from sinkserve.engine.quant import quantize_model
 
         quantize_model(model.float(), packed_max_rows)  # from the checkpoint's values, before the cast
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The family's output projection (`output` in Llama, `embed_out` in GPT-NeoX)."""
+    for name in ("output", "embed_out"):
+        if isinstance(getattr(model, name, None), torch.nn.Linear):
+            return getattr(model, name)
+    raise TypeError(f"{type(model).__name__} has no output head")
+
+
+def embedding(model: torch.nn.Module) -> torch.nn.Embedding:
+    """The family's token embedding table (`tok_embeddings` in Llama, `embed_in` in GPT-NeoX)."""
+    for name in ("tok_embeddings", "embed_in"):
+        if isinstance(getattr(model, name, None), torch.nn.Embedding):
+            return getattr(model, name)
+    raise TypeError(f"{type(model).__name__} has no embedding table")
