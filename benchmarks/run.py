@@ -77,9 +77,9 @@ def _analysis(target: dict, results: dict) -> str:
     prof = profiles.get(target.get("limit_hint") or "")
     parts = []
     weight_ops = ("aten::_weight_int4pack_mm_for_cpu", "aten::mm", "aten::addmm", "aten::mv")
+    ops = {t["op"]: t["self_ms_per_step"] for t in prof["top_ops"]} if prof else {}
+    weight_ms = sum(ops.get(op, 0.0) for op in weight_ops)
     if prof:
-        ops = {t["op"]: t["self_ms_per_step"] for t in prof["top_ops"]}
-        weight_ms = sum(ops.get(op, 0.0) for op in weight_ops)
         attention_ms = sum(ops.get(op, 0.0) for op in ("aten::bmm", "aten::_softmax", "aten::masked_fill_"))
         parts.append(
             f"Profile `{target['limit_hint']}` ({prof['title']}): {prof['wall_ms_per_step']:.1f} ms wall per "
@@ -102,16 +102,13 @@ def _analysis(target: dict, results: dict) -> str:
             f"Reading the weights a decode step uses ({weights_format}, {dtype} activations: {weights / 2**20:.0f} "
             f"MiB) once at the {bw['read_gbps']:.1f} GB/s measured in this run takes {floor_ms:.1f} ms; {verdict}."
         )
-        if prof:
-            ops = {t["op"]: t["self_ms_per_step"] for t in prof["top_ops"]}
-            mm_ms = sum(ops.get(op, 0.0) for op in weight_ops)
-            if mm_ms:
-                parts.append(
-                    f"The weight kernels stream them at {weights / (mm_ms / 1e3) / 1e9:.1f} GB/s in a decode step "
-                    f"(one activation row per session; a plain fp32 GEMV reaches {bw['gemv_fp32_gbps']:.1f} GB/s "
-                    "here), below what a reduction reads; the attention products and ~50 small operators per layer "
-                    "(each a few microseconds of dispatch at batch 1) make up the rest."
-                )
+        if weight_ms:
+            parts.append(
+                f"The weight kernels stream them at {weights / (weight_ms / 1e3) / 1e9:.1f} GB/s in a decode step "
+                f"(one activation row per session; a plain fp32 GEMV reaches {bw['gemv_fp32_gbps']:.1f} GB/s "
+                "here), below what a reduction reads; the attention products and ~50 small operators per layer "
+                "(each a few microseconds of dispatch at batch 1) make up the rest."
+            )
     if key == "latency_streaming_abs" and len(primary) > 1:
         small, big = min(primary, key=lambda r: r["cache"]), max(primary, key=lambda r: r["cache"])
         floor_ratio = big["floor_ms"] / small["floor_ms"]

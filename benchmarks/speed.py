@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -288,11 +289,11 @@ def flatness(samples: list[dict], early_tokens: int = 10_000) -> dict:
 
     def fitted_ratio(ys: list[float]) -> float | None:
         """A least-squares line through (tokens, y): its value at the end over its value at `early_tokens`."""
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        spread_x = sum((x - mean_x) ** 2 for x in xs)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread_x if spread_x else 0.0
-        start = mean_y + slope * (min(early_tokens, total) - mean_x)
-        return (mean_y + slope * (total - mean_x)) / start if start > 0 else None
+        if len(set(xs)) < 2:
+            return None
+        slope, intercept = statistics.linear_regression(xs, ys)
+        start = intercept + slope * min(early_tokens, total)
+        return (intercept + slope * total) / start if start > 0 else None
 
     ys = [s["decode_ms"] for s in samples]
     ordered = sorted(ys)

@@ -181,7 +181,7 @@ return redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
 _TRANSCRIPT_ENDS = """
 -- KEYS: session hash, transcript. ARGV: head tokens, tail tokens (4 bytes per token in an entry).
 -- Reads entries from the front until `head` tokens and from the back until `tail` tokens, never the middle
--- of a long log. Reply: {total tokens, head entry count, head entries..., tail entries...}.
+-- of a long log. Reply: {total tokens, head entries..., tail entries...}.
 local n = redis.call('LLEN', KEYS[2])
 local want_head, want_tail = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out, head_tokens, i = {}, 0, 0
@@ -191,7 +191,6 @@ while i < n and head_tokens < want_head do
   head_tokens = head_tokens + #blob / 4
   i = i + 1
 end
-local heads = #out
 local tail, tail_tokens, j = {}, 0, n - 1
 while j >= i and tail_tokens < want_tail do
   local blob = redis.call('LINDEX', KEYS[2], j)
@@ -202,7 +201,6 @@ end
 for k = #tail, 1, -1 do out[#out + 1] = tail[k] end
 local total = head_tokens + tail_tokens
 if j >= i then total = tonumber(redis.call('HGET', KEYS[1], 'tokens_seen') or '0') end  -- entries skipped
-table.insert(out, 1, heads)
 table.insert(out, 1, total)
 return out
 """
@@ -434,7 +432,7 @@ class Registry:
         read from both ends only), and the transcript's total length: what a rebuild needs."""
         reply = await self._transcript_ends(keys=[self.session_key(sid), self._tx(sid)],
                                             args=[head_tokens, tail_tokens])
-        total, blobs = int(reply[0]), reply[2:]
+        total, blobs = int(reply[0]), reply[1:]
         return [t for blob in blobs for t in unpack_tokens(blob)], total
 
     async def transcript_len(self, sid: str) -> int:
