@@ -12,8 +12,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "helm" / "sinkserve"
 CI_VALUES_DIR = CHART_DIR / "ci"
-# CI clones the repo next to shared/, so the KubeRay CRD schema sits beside the repo root.
-RAYSERVICE_CRD = REPO_ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+# The KubeRay RayService CRD, vendored beside these tests (source, version and licence in its NOTICE).
+RAYSERVICE_CRD = Path(__file__).resolve().parent / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
 
 RELEASE = "chat"
 NAMESPACE = "llm"

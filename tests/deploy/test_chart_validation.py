@@ -96,7 +96,7 @@ def _strict(schema: Any) -> Any:
 
 @functools.cache
 def rayservice_validator() -> jsonschema.protocols.Validator:
-    assert RAYSERVICE_CRD.is_file(), f"KubeRay CRD schema missing: {RAYSERVICE_CRD} (shared/ must sit beside the repo)"
+    assert RAYSERVICE_CRD.is_file(), f"KubeRay CRD schema missing: {RAYSERVICE_CRD} (vendored in tests/deploy/schemas/kuberay/)"
     crd = yaml.safe_load(RAYSERVICE_CRD.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(v1["schema"]["openAPIV3Schema"])
