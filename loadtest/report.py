@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +390,8 @@ def render_markdown(data: dict[str, Any], md_path: Path) -> None:
         "Reproduce: `make loadtest` (defaults below), or `python -m loadtest.run --help`. Without `--target` the",
         "runner starts the local stack on 127.0.0.1 (redis-server, local Ray, the Serve app, the gateway),",
         "samples each replica's RSS from the pid in its load report, and stops everything it started.",
-        "Raw output (Locust CSVs, the Locust HTML report, replica samples) is in `loadtest/results/<run>/`.",
+        "Raw output (Locust CSVs, the Locust HTML report, replica samples) goes to `loadtest/results/<run>/` on",
+        "the machine that ran it and is not kept in git; this page and `loadtest.json` keep the summaries.",
         "",
     ]
     for name, run in data.get("runs", {}).items():
@@ -530,13 +532,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--note", nargs=2, metavar=("RUN", "TEXT"), help="set the note printed above RUN's figures")
     parser.add_argument("--refresh", action="store_true",
-                        help="recompute every run's figures from its raw files in loadtest/results/ first")
+                        help="recompute every run's figures from its raw files in loadtest/results/ first "
+                             "(runs whose raw files are not on this machine are kept as they are)")
     args = parser.parse_args(argv)
     json_path = args.docs_dir / "loadtest.json"
     data = json.loads(json_path.read_text())
     if args.refresh:
-        for run in data.get("runs", {}).values():
-            refresh_run(run, Path(__file__).resolve().parent.parent)
+        root = Path(__file__).resolve().parent.parent
+        for name, run in data.get("runs", {}).items():
+            if not (root / run["results_dir"]).is_dir():
+                print(f"{name}: no raw output in {run['results_dir']} (not kept in git); figures kept", file=sys.stderr)
+                continue
+            refresh_run(run, root)
         json_path.write_text(json.dumps(data, indent=2) + "\n")
     if args.note:
         name, text = args.note
