@@ -92,10 +92,6 @@ class Internal(SinkServeError):
 
 
 # ---------------------------------------------------------------------------------------------- engine
-class InvalidRequest(InvalidArgument):
-    """The request itself is wrong (empty message, bad sampling value, bad cache geometry...)."""
-
-
 class UnsupportedModel(InvalidArgument):
     """The checkpoint's architecture has no model module."""
 

@@ -1,30 +1,7 @@
-"""The StreamingLLM engine: pure torch, no Ray, no Redis."""
+"""The StreamingLLM engine: pure torch, no Ray, no Redis (see engine.py for its parts)."""
 
-from sinkserve.engine.engine import Engine, load_engine
-from sinkserve.engine.types import (
-    ContextOverflow,
-    EngineError,
-    InvalidRequest,
-    NoFreeSlot,
-    SamplingParams,
-    SessionBusy,
-    SessionInfo,
-    SessionNotFound,
-    TokenOutput,
-    UnsupportedModel,
-)
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.loader import load_engine
+from sinkserve.engine.output import TokenOutput
 
-__all__ = [
-    "ContextOverflow",
-    "Engine",
-    "EngineError",
-    "InvalidRequest",
-    "NoFreeSlot",
-    "SamplingParams",
-    "SessionBusy",
-    "SessionInfo",
-    "SessionNotFound",
-    "TokenOutput",
-    "UnsupportedModel",
-    "load_engine",
-]
+__all__ = ["Engine", "TokenOutput", "load_engine"]

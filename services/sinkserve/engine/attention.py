@@ -19,69 +19,12 @@ contiguous block is what keeps the slab from being copied per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from sinkserve.engine.kv_cache import KVSlab
 from sinkserve.engine.rope import apply_rope
-
-
-@dataclass
-class AttnGroup:
-    """Sessions ingesting a chunk of more than one token this step (padded to the longest chunk)."""
-
-    slots: torch.Tensor  # [B] slot index per row
-    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
-    tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
-    valid: torch.Tensor  # [B, T] bool: real query
-    mask: torch.Tensor  # bool [B, T, sinks + T + window + T]: which key each query sees
-    # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
-    # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
-    chunk_only: bool = False
-    attn_mask: torch.Tensor | None = None  # sink-less prefill: `mask` laid out for the fused kernel (first layer)
-    ring_used: int = 0  # ring entries [0, ring_used) can hold keys for some row (the rest were never written)
-
-
-@dataclass
-class DecodeRows:
-    """Sessions feeding one token each this step (decoding, or a one-token chunk)."""
-
-    rows: torch.Tensor | None  # [B] flat token index of each; None when the step holds decode rows only
-    slots: torch.Tensor  # [B]
-    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
-    key_count: int  # entries [0, key_count) of the slots hold a key for some row, the new ones included
-    mask: torch.Tensor | None  # [B, key_count] additive 0 / -inf (model dtype); None when every row fills them
-    sink_columns: torch.Tensor | None  # bool [key_count]: sink entries (cache frame); None without sinks
-    # [B, 1, frames, 1, rot_dim]: frames = (cache, window) with sinks, (window,) without; the softmax scale
-    # is folded in, and sin carries rotate-half's sign (apply_rope)
-    cos_q: torch.Tensor
-    sin_q: torch.Tensor
-    cos_k: torch.Tensor  # [B, 1, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
-    sin_k: torch.Tensor
-    write_slot: torch.Tensor  # [B]
-    write_entry: torch.Tensor  # [B]
-
-
-@dataclass
-class StepBatch:
-    """Everything the layers need for one step; built once, shared by every layer."""
-
-    token_ids: torch.Tensor  # [N]
-    decode: DecodeRows | None
-    groups: list[AttnGroup]  # chunked prefill; their tables below are over all N tokens
-    logits_index: torch.Tensor  # [M] flat indices whose logits the step returns
-    # sin tables carry rotate-half's sign (apply_rope)
-    cos_cache: torch.Tensor | None = None  # [N, 1, rot_dim] rotation by cache position (against sinks)
-    sin_cache: torch.Tensor | None = None
-    cos_window: torch.Tensor | None = None  # [N, 1, rot_dim] rotation by window-frame position (against the ring)
-    sin_window: torch.Tensor | None = None
-    chunk_rows: torch.Tensor | None = None  # flat indices of the chunk tokens, written after attention
-    cos_store: torch.Tensor | None = None  # [chunk tokens, 1, rot_dim] the frame each chunk key is stored in
-    sin_store: torch.Tensor | None = None
-    write_slot: torch.Tensor | None = None  # [chunk tokens]
-    write_entry: torch.Tensor | None = None  # [chunk tokens] entry index inside the slot
+from sinkserve.engine.step_inputs import AttnGroup, DecodeRows, StepBatch
 
 
 def sink_window_attention(
@@ -95,18 +38,19 @@ def sink_window_attention(
     if decode is not None:
         rows = decode.rows
         out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode)
-    q_cache = apply_rope(q, batch.cos_cache, batch.sin_cache)
-    q_window = apply_rope(q, batch.cos_window, batch.sin_window)
+    tables = batch.chunk
+    q_cache = apply_rope(q, tables.cos_cache, tables.sin_cache)
+    q_window = apply_rope(q, tables.cos_window, tables.sin_window)
     # prefill chunks attend to their own keys in both frames
-    chunk_keys = (apply_rope(k, batch.cos_cache, batch.sin_cache), apply_rope(k, batch.cos_window, batch.sin_window))
+    chunk_keys = (apply_rope(k, tables.cos_cache, tables.sin_cache), apply_rope(k, tables.cos_window, tables.sin_window))
     for group in batch.groups:
         _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group)
     # Written after attention, so a chunk that wraps the ring never hides entries from its own earlier queries.
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
-    chunk = batch.chunk_rows
-    k_chunk, v_chunk = (k, v) if chunk is None else (k[chunk], v[chunk])
-    slab.k_layers[layer][batch.write_slot, :, batch.write_entry] = apply_rope(k_chunk, batch.cos_store, batch.sin_store)
-    slab.v_layers[layer][batch.write_slot, :, batch.write_entry] = v_chunk
+    rows = tables.rows
+    k_chunk, v_chunk = (k, v) if rows is None else (k[rows], v[rows])
+    slab.k_layers[layer][tables.write_slot, :, tables.write_entry] = apply_rope(k_chunk, tables.cos_store, tables.sin_store)
+    slab.v_layers[layer][tables.write_slot, :, tables.write_entry] = v_chunk
     return out
 
 
@@ -180,12 +124,6 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
         ring_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range, used)  # no sink entries without sinks
         ring_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range, used)
-        if group.attn_mask is None:  # [B, T, keys] -> [B, 1, per_kv * T, keys] in heads_first's query order
-            window = slab.geometry.window
-            mask = torch.cat([group.mask[..., steps : steps + used], group.mask[..., steps + window :]], dim=-1)
-            group.attn_mask = mask[:, None].expand(batch, per_kv, steps, mask.shape[-1]).reshape(
-                batch, 1, per_kv * steps, mask.shape[-1]
-            )
         attn = F.scaled_dot_product_attention(
             qw, torch.cat([ring_k, kw], dim=2), torch.cat([ring_v, vc], dim=2), attn_mask=group.attn_mask,
             scale=head_dim**-0.5,

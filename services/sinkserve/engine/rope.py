@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sinkserve.engine.types import UnsupportedModel
+from sinkserve.errors import UnsupportedModel
 
 
 def inv_frequencies(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 
 from sinkserve.engine.models import gpt_neox, llama
-from sinkserve.engine.types import UnsupportedModel
+from sinkserve.errors import UnsupportedModel
 
 FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox)
 SUPPORTED_ARCHITECTURES = tuple(arch for family in FAMILIES for arch in family.HF_ARCHITECTURES)

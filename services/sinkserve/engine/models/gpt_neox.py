@@ -46,7 +46,7 @@ class ModelArgs:
         theta, scaling = rope_settings(cfg, theta_key="rotary_emb_base")
         activation = cfg.get("hidden_act", "gelu")
         if activation not in _ACTIVATIONS:
-            from sinkserve.engine.types import UnsupportedModel
+            from sinkserve.errors import UnsupportedModel
 
             raise UnsupportedModel(f"GPT-NeoX activation {activation!r} is not supported")
         return cls(

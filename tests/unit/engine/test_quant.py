@@ -105,7 +105,7 @@ def test_int4_engine_matches_hf_on_the_quantized_weights(tiny_llama):
     ids = random_ids(80, seed=4)
     ref = hf(torch.tensor([ids])).logits[0]
     for chunk in (1, 16):
-        engine = load_engine(EngineConfig(model=str(tiny_llama), sinks=4, window=128, max_sessions=1, device="cpu",
+        engine = load_engine(EngineConfig(model=str(tiny_llama), sinks=4, window=128, slots=1, device="cpu",
                                           dtype="bfloat16", weights="int4", packed_max_rows=4, prefill_chunk=16))
         ours = engine.stream_logits(ids, chunk=chunk).float()
         assert (ours - ref).abs().max() <= 0.03 * ref.abs().max(), (chunk, (ours - ref).abs().max())

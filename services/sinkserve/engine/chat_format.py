@@ -1,4 +1,4 @@
-"""Chat-template rendering by message deltas, and incremental detokenization with stop strings."""
+"""Chat-template rendering by message deltas: the token ids each message adds to a running conversation."""
 
 from __future__ import annotations
 
@@ -52,53 +52,3 @@ class ChatFormat:
     def user_ids(self, text: str) -> list[int]:
         """A user message followed by the assistant header (the generation prompt)."""
         return self.encode(self._user_before + text + self._user_after)
-
-
-class Detokenizer:
-    """Turns sampled ids into text deltas; holds back text that may still become a stop string."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.text = ""  # all decoded text of the reply
-        self.emitted = 0  # characters of self.text already streamed
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Returns (text to stream now, whether a stop string was hit)."""
-        self.ids.append(token_id)
-        # Decode a short tail only (O(1) per token): bytes of a multi-byte character may span tokens.
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd"):
-            return self._release(final=False)
-        self.text += full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        return self._release(final=True)[0]
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        for stop in self.stop:
-            hit = self.text.find(stop, max(0, self.emitted - len(stop) + 1))
-            if hit != -1:
-                self.text = self.text[:hit]
-                out = self.text[self.emitted :]
-                self.emitted = len(self.text)
-                return out, True
-        end = len(self.text)
-        if not final:
-            for stop in self.stop:  # hold back a tail that is a prefix of a stop string
-                for size in range(min(len(stop) - 1, end - self.emitted), 0, -1):
-                    if stop.startswith(self.text[end - size :]):
-                        end = min(end, len(self.text) - size)
-                        break
-        out = self.text[self.emitted : end]
-        self.emitted = end
-        return out, False

@@ -6,19 +6,14 @@ import torch
 from pydantic import ValidationError
 
 from sinkserve.config import EngineConfig
-from sinkserve.engine import (
-    InvalidRequest,
-    NoFreeSlot,
-    SamplingParams,
-    SessionBusy,
-    SessionNotFound,
-    load_engine,
-)
+from sinkserve.engine import load_engine
+from sinkserve.errors import InvalidArgument, NoFreeSlot, SessionBusy, SessionExists, SessionNotFound
+from sinkserve.protocol import GenerationParams
 from sinkserve.engine.testing import random_ids
 
 
 def run_turn(engine, sid, text, **params):
-    outs = list(engine.chat(sid, text, SamplingParams(**params)))
+    outs = list(engine.chat(sid, text, GenerationParams(**params)))
     return outs
 
 
@@ -35,7 +30,7 @@ def test_batched_decode_equals_each_session_alone(make_engine):
     engine = make_engine()
     sids = [engine.open_session(system_prompt=f"system {i}" * (i + 1)) for i in range(len(prompts))]
     for sid, text in zip(sids, prompts):
-        engine.add_message(sid, text, SamplingParams(**params))
+        engine.add_message(sid, text, GenerationParams(**params))
     together = {sid: [] for sid in sids}
     batch_sizes = []
     while engine.has_work():
@@ -49,47 +44,48 @@ def test_batched_decode_equals_each_session_alone(make_engine):
 
 @pytest.mark.slow
 def test_hundred_thousand_tokens_bounded_memory(make_engine):
-    engine = make_engine(sinks=4, window=32, max_sessions=1, prefill_chunk=32)
-    k_ptr, v_ptr, slab_bytes = engine.slab.k.data_ptr(), engine.slab.v.data_ptr(), engine.slab.nbytes
+    engine = make_engine(sinks=4, window=32, slots=1, prefill_chunk=32)
+    k_ptr, v_ptr, slab_bytes = engine.runner.slab.k.data_ptr(), engine.runner.slab.v.data_ptr(), engine.runner.slab.nbytes
     process = psutil.Process()
     sid = engine.open_session()
-    slot = engine._sessions[sid].slot
+    slot = engine.residency.slot(sid)
 
     def ingest(words):
-        engine.add_message(sid, "lorem " * words, SamplingParams(max_tokens=1))
+        engine.add_message(sid, "lorem " * words, GenerationParams(max_tokens=1))
         max_entries = 0
         while engine.has_work():
             engine.step()
-            max_entries = max(max_entries, engine.slab.entries(slot))
+            max_entries = max(max_entries, engine.runner.slab.entries(slot))
         return max_entries
 
     assert ingest(10_000) == 36  # warm-up; the cache fills to sinks + window and stays there
     rss_warm = process.memory_info().rss
     assert ingest(90_000) == 36
     rss_end = process.memory_info().rss
-    info = engine.session_info(sid)
+    info = engine.session_view(sid)
     assert info.tokens_seen >= 100_000
     assert info.cache_entries == 36
-    assert (engine.slab.k.data_ptr(), engine.slab.v.data_ptr()) == (k_ptr, v_ptr)  # never reallocated
-    assert engine.slab.nbytes == slab_bytes
+    assert (engine.runner.slab.k.data_ptr(), engine.runner.slab.v.data_ptr()) == (k_ptr, v_ptr)  # never reallocated
+    assert engine.runner.slab.nbytes == slab_bytes
     assert rss_end - rss_warm < 64 * 2**20  # 90k more tokens add no per-token state
     # And through the decode path: a long reply keeps the cache at sinks + window.
-    outs = list(engine.chat(sid, "go", SamplingParams(max_tokens=1000, ignore_eos=True, temperature=1.0, seed=3)))
+    outs = list(engine.chat(sid, "go", GenerationParams(max_tokens=1000, ignore_eos=True, temperature=1.0, seed=3)))
     assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 1000
-    assert engine.session_info(sid).cache_entries == engine.slab.entries(slot) == 36
+    assert engine.session_view(sid).cache_entries == engine.runner.slab.entries(slot) == 36
 
 
 def test_scoring_never_holds_more_than_sinks_plus_window(make_engine):
-    engine = make_engine(sinks=4, window=32, max_sessions=1, prefill_chunk=32)
-    nll = engine.score(random_ids(2000, seed=5))
-    assert len(nll) == 1999 and engine.max_entries_scored == 36
+    engine = make_engine(sinks=4, window=32, slots=1, prefill_chunk=32)
+    result = engine.score(random_ids(2000, seed=5))
+    assert len(result.nll) == 1999 and result.max_entries == 36
+    assert engine.free_slots == 1  # scoring ran on a scratch slab, not a serving slot
 
 
 def test_bytes_per_session_is_fixed_and_reported(make_engine):
     engine = make_engine(sinks=4, window=60)
-    cfg = engine.model.args
+    cfg = engine.runner.args
     assert engine.bytes_per_session == 2 * cfg.n_layers * cfg.n_kv_heads * 64 * cfg.head_dim * 4
-    assert engine.slab.nbytes == engine.bytes_per_session * engine.max_sessions
+    assert engine.runner.slab.nbytes == engine.bytes_per_session * engine.slots
 
 
 def test_multi_turn_transcript_rebuilds_same_cache(make_engine):
@@ -99,7 +95,7 @@ def test_multi_turn_transcript_rebuilds_same_cache(make_engine):
     for i in range(6):
         final = run_turn(engine, sid, f"message number {i} " * 3, max_tokens=12, ignore_eos=True)[-1]
         transcript += final.turn_tokens
-    info = engine.session_info(sid)
+    info = engine.session_view(sid)
     assert info.turns == 6 and info.cache_entries == 36
     # The transcript is exactly the token stream: rebuilding ingests its sinks + last window ids.
     twin = make_engine(sinks=4, window=32)
@@ -107,19 +103,19 @@ def test_multi_turn_transcript_rebuilds_same_cache(make_engine):
     a = run_turn(engine, sid, "next", max_tokens=8, ignore_eos=True)
     b = run_turn(twin, "copy", "next", max_tokens=8, ignore_eos=True)
     assert len(a) == len(b) == 8
-    assert twin.session_info("copy").cache_entries == 36
-    assert twin.session_info("copy").tokens_seen == engine.session_info(sid).tokens_seen
+    assert twin.session_view("copy").cache_entries == 36
+    assert twin.session_view("copy").tokens_seen == engine.session_view(sid).tokens_seen
     # The log's two ends are enough (what a replica reads from Redis): the same cache, the same next turn.
     ends = make_engine(sinks=4, window=32)
     ends.import_session("ends", transcript[:10] + transcript[-40:], total_tokens=len(transcript))
     c = run_turn(ends, "ends", "next", max_tokens=8, ignore_eos=True)
     assert [o.token_id for o in c] == [o.token_id for o in b]
-    assert ends.session_info("ends").tokens_seen == twin.session_info("copy").tokens_seen
-    with pytest.raises(InvalidRequest, match="partial transcript needs its first 4 and last 32 ids"):
+    assert ends.session_view("ends").tokens_seen == twin.session_view("copy").tokens_seen
+    with pytest.raises(InvalidArgument, match="partial transcript needs its first 4 and last 32 ids"):
         ends.import_session("short", transcript[:10], total_tokens=len(transcript))
-    with pytest.raises(InvalidRequest, match="shorter than"):
+    with pytest.raises(InvalidArgument, match="shorter than"):
         ends.import_session("short", transcript, total_tokens=3)
-    assert "short" not in ends.sessions()
+    assert "short" not in ends.sessions
 
 
 def test_transcript_without_eviction_reproduces_exactly(make_engine):
@@ -136,15 +132,15 @@ def test_transcript_without_eviction_reproduces_exactly(make_engine):
 
 
 def test_park_and_unpark_are_bit_exact(make_engine):
-    engine = make_engine(max_sessions=2)
+    engine = make_engine(slots=2)
     sid = engine.open_session()
     run_turn(engine, sid, "hello there", max_tokens=50, ignore_eos=True)
-    reference = make_engine(max_sessions=2)
+    reference = make_engine(slots=2)
     rid = reference.open_session()
     run_turn(reference, rid, "hello there", max_tokens=50, ignore_eos=True)
 
     engine.park(sid)
-    assert engine.free_slots == 2 and engine.session_info(sid).parked
+    assert engine.free_slots == 2 and engine.session_view(sid).parked
     other = engine.open_session()  # the freed slot is reused meanwhile
     run_turn(engine, other, "someone else", max_tokens=5)
     a = [o.token_id for o in run_turn(engine, sid, "continue", max_tokens=20, ignore_eos=True)]
@@ -160,7 +156,7 @@ def test_sampling_seed_reproducible_and_params_respected(make_engine):
     engine2 = make_engine()
     sid2 = engine2.open_session()
     other = engine2.open_session()  # a neighbour in the batch must not change a seeded stream
-    engine2.add_message(other, "noise", SamplingParams(max_tokens=30, temperature=1.5, seed=9))
+    engine2.add_message(other, "noise", GenerationParams(max_tokens=30, temperature=1.5, seed=9))
     second = [o.token_id for o in run_turn(engine2, sid2, "x", **params)]
     assert first == second
     e_other = make_engine()
@@ -201,7 +197,7 @@ def test_stop_strings_and_eos(make_engine):
     # EOS ends the reply with finish_reason eos (force it: the tiny model's EOS id is 2).
     e3 = make_engine()
     s3 = e3.open_session()
-    e3.eos_ids = frozenset(range(49152))
+    e3.eos_ids = frozenset(range(49152))  # a public field: the ids that end a reply
     outs = run_turn(e3, s3, "z", max_tokens=60)
     assert len(outs) == 1 and outs[0].finish_reason == "eos"
 
@@ -209,7 +205,7 @@ def test_stop_strings_and_eos(make_engine):
 def test_abort_keeps_transcript_consistent(make_engine):
     engine = make_engine()
     sid = engine.open_session()
-    engine.add_message(sid, "a long message " * 10, SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.add_message(sid, "a long message " * 10, GenerationParams(max_tokens=100, ignore_eos=True))
     produced = []
     for _ in range(30):
         produced += [o.token_id for o in engine.step() if o.session_id == sid]
@@ -218,36 +214,43 @@ def test_abort_keeps_transcript_consistent(make_engine):
     assert final.completion_tokens == len(produced)
     # Everything streamed is in the transcript, in order, followed by the template's close.
     assert final.turn_tokens[-len(engine.chat_format.close_ids) - len(produced) :][: len(produced)] == produced
-    assert not engine.session_info(sid).busy
+    assert not engine.session_view(sid).busy
     assert run_turn(engine, sid, "still alive?", max_tokens=3)[-1].finished
 
 
 def test_bad_input_gets_clear_errors_and_leaks_nothing(make_engine, tiny_llama):
-    engine = make_engine(max_sessions=2)
+    engine = make_engine(slots=2)
     sid = engine.open_session()
-    with pytest.raises(InvalidRequest, match="empty"):
+    with pytest.raises(InvalidArgument, match="empty"):
         engine.add_message(sid, "   ")
-    with pytest.raises(InvalidRequest, match="max_tokens"):
-        engine.add_message(sid, "hi", SamplingParams(max_tokens=0))
-    with pytest.raises(InvalidRequest, match="top_p"):
-        engine.add_message(sid, "hi", SamplingParams(top_p=0))
-    assert not engine.session_info(sid).busy  # the failed calls started nothing
+    with pytest.raises(InvalidArgument, match="max_tokens"):
+        engine.add_message(sid, "hi", GenerationParams(max_tokens=0))
+    with pytest.raises(InvalidArgument, match="top_p"):
+        engine.add_message(sid, "hi", GenerationParams(top_p=0))
+    with pytest.raises(InvalidArgument, match="temperature"):
+        GenerationParams(temperature=float("nan"))
+    assert not engine.session_view(sid).busy  # the failed calls started nothing
     with pytest.raises(SessionNotFound, match="nope"):
         engine.add_message("nope", "hi")
     with pytest.raises(SessionNotFound):
         engine.close_session("nope")
     engine.open_session("second")
-    with pytest.raises(NoFreeSlot):
+    third = engine.open_session()  # no free slot: the least recently used idle session is parked for it
+    assert engine.session_view(sid).parked and engine.free_slots == 0 and len(engine.sessions) == 3
+    engine.close_session(third)
+    engine.add_message(sid, "hi", GenerationParams(max_tokens=5))  # unparked into the freed slot
+    engine.add_message("second", "hi", GenerationParams(max_tokens=5))
+    with pytest.raises(NoFreeSlot):  # every slot is generating: nothing to park
         engine.open_session()
-    assert engine.free_slots == 0 and engine.num_sessions == 2
-    engine.add_message(sid, "hi", SamplingParams(max_tokens=5))
+    assert engine.free_slots == 0 and len(engine.sessions) == 2
     with pytest.raises(SessionBusy):
         engine.add_message(sid, "again")
-    with pytest.raises(InvalidRequest, match="already exists"):
+    engine.abort_turn("second")
+    with pytest.raises(SessionExists, match="already exists"):
         engine.open_session("second")
     engine.close_session("second")
     assert engine.free_slots == 1
-    with pytest.raises(InvalidRequest, match="vocabulary"):
+    with pytest.raises(InvalidArgument, match="vocabulary"):
         engine.import_session("bad", [1, 2, -5])
     assert engine.free_slots == 1  # nothing taken by the refused import
 
@@ -258,7 +261,7 @@ def test_bad_input_gets_clear_errors_and_leaks_nothing(make_engine, tiny_llama):
         EngineConfig(**base, window=0)
     with pytest.raises(ValidationError, match="policy"):
         EngineConfig(**base, policy="lru")
-    with pytest.raises(InvalidRequest, match="context length"):
+    with pytest.raises(InvalidArgument, match="context length"):
         load_engine(EngineConfig(**base, sinks=8192, window=4))
 
 
@@ -266,7 +269,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path, tiny_llama):
     import json
     import shutil
 
-    from sinkserve.engine import UnsupportedModel
+    from sinkserve.errors import UnsupportedModel
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_llama, bad)
@@ -279,22 +282,22 @@ def test_unsupported_architecture_names_supported_ones(tmp_path, tiny_llama):
 
 def test_dense_policy_refuses_past_capacity(make_engine):
     engine = make_engine(policy="dense", max_context=64)
-    from sinkserve.engine import ContextOverflow
+    from sinkserve.errors import ContextOverflow
 
     with pytest.raises(ContextOverflow):
         engine.score(random_ids(100))
     sid = engine.open_session()
     with pytest.raises(ContextOverflow):
         engine.add_message(sid, "word " * 80)
-    assert len(engine.score(random_ids(64))) == 63
+    assert len(engine.score(random_ids(64)).nll) == 63
 
 
 def test_policies_differ_and_recompute_matches_fresh_encoding(make_engine):
     ids = random_ids(120, seed=7)
-    streaming = make_engine(sinks=4, window=32).score(ids)
-    window = make_engine(policy="window", window=36).score(ids)
-    recompute = make_engine(policy="recompute", sinks=4, window=32).score(ids)
-    dense = make_engine(policy="dense").score(ids)
+    streaming = make_engine(sinks=4, window=32).score(ids).nll
+    window = make_engine(policy="window", window=36).score(ids).nll
+    recompute = make_engine(policy="recompute", sinks=4, window=32).score(ids).nll
+    dense = make_engine(policy="dense").score(ids).nll
     # Before anything is evicted every policy sees the same keys.
     for other in (window, recompute):
         assert torch.allclose(torch.tensor(other[:30]), torch.tensor(dense[:30]), atol=1e-4)
@@ -315,9 +318,9 @@ def test_sinkless_recompute_and_first_window_chunk_match_fresh_encoding(make_eng
     """Without sinks, a chunk over an empty ring takes the fused causal path: it must score exactly like
     the general path (a dense engine's fresh forward over the same tokens)."""
     ids = random_ids(100, seed=11)
-    recompute = make_engine(policy="recompute", sinks=0, window=24).score(ids)
-    window = make_engine(policy="window", window=24).score(ids)
-    dense = make_engine(policy="dense").score(ids)
+    recompute = make_engine(policy="recompute", sinks=0, window=24).score(ids).nll
+    window = make_engine(policy="window", window=24).score(ids).nll
+    dense = make_engine(policy="dense").score(ids).nll
     assert torch.allclose(torch.tensor(recompute[:20]), torch.tensor(dense[:20]), atol=1e-4)
     assert torch.allclose(torch.tensor(window[:20]), torch.tensor(dense[:20]), atol=1e-4)
     engine = make_engine(policy="dense")
@@ -325,3 +328,33 @@ def test_sinkless_recompute_and_first_window_chunk_match_fresh_encoding(make_eng
         logits = engine.stream_logits(ids[t + 1 - 24 : t + 1])
         fresh = -torch.log_softmax(logits[-1], -1)[ids[t + 1]].item()
         assert recompute[t] == pytest.approx(fresh, abs=1e-4)
+
+
+def test_a_full_engine_parks_the_least_recently_used_idle_session_and_resumes_it_exactly(make_engine):
+    engine = make_engine(slots=2)
+    reference = make_engine(slots=2)
+    a, b = engine.open_session("a"), engine.open_session("b")
+    ref = reference.open_session("a")
+    run_turn(engine, a, "first", max_tokens=6, ignore_eos=True)
+    run_turn(reference, ref, "first", max_tokens=6, ignore_eos=True)
+    run_turn(engine, b, "second", max_tokens=6, ignore_eos=True)
+    engine.open_session("c")  # no free slot: "a" (used longest ago, idle) is parked
+    assert engine.session_view("a").parked and not engine.session_view("b").parked
+    assert engine.acquire("a", tag=0)  # copied back: "b" is parked for it now
+    assert engine.session_view("b").parked and engine.residency.stats.unparks == 1
+    got = [o.token_id for o in run_turn(engine, a, "again", max_tokens=8, ignore_eos=True)]
+    want = [o.token_id for o in run_turn(reference, ref, "again", max_tokens=8, ignore_eos=True)]
+    assert got == want
+
+
+def test_acquire_under_another_tag_or_after_a_budget_drop_asks_for_a_rebuild(make_engine):
+    engine = make_engine(slots=1, park_host_bytes=0)
+    engine.open_session("s", tag=3)
+    assert engine.acquire("s", tag=3)
+    assert not engine.acquire("s", tag=4)  # held under an older tag: dropped, to be rebuilt from the log
+    assert "s" not in engine.sessions and engine.free_slots == 1
+    assert not engine.acquire("unknown", tag=0)
+    engine.open_session("x", tag=1)
+    engine.open_session("y", tag=1)  # parking "x" with no host budget drops it
+    assert not engine.has_session("x") and engine.residency.stats.drops == 1
+    assert not engine.acquire("x", tag=1)

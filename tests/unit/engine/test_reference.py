@@ -19,7 +19,7 @@ from sinkserve.engine.testing import random_ids
 def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
     path = request.getfixturevalue(arch_fixture)
     engine = load_engine(
-        EngineConfig(model=str(path), sinks=sinks, window=256, max_sessions=1, device="cpu", prefill_chunk=chunk)
+        EngineConfig(model=str(path), sinks=sinks, window=256, slots=1, device="cpu", prefill_chunk=chunk)
     )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids(200, seed=1)
@@ -32,7 +32,7 @@ def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
 @pytest.mark.slow
 def test_bundled_model_equals_hf_before_eviction():
     checkpoint = prepare_bundled_model()
-    engine = load_engine(EngineConfig(sinks=4, window=508, max_sessions=1, device="cpu", prefill_chunk=128))
+    engine = load_engine(EngineConfig(sinks=4, window=508, slots=1, device="cpu", prefill_chunk=128))
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = engine.tokenizer("Attention sinks keep streaming language models stable. " * 30)["input_ids"][:300]
     ours = engine.stream_logits(ids, chunk=128)
@@ -100,7 +100,7 @@ def test_after_eviction_positions_are_inside_the_cache(tiny_llama, chunk):
     sinks, window = 4, 24
     ids = random_ids(120, seed=2)  # ~4x the window: the ring wraps several times
     engine = load_engine(
-        EngineConfig(model=str(tiny_llama), sinks=sinks, window=window, max_sessions=1, device="cpu", prefill_chunk=10)
+        EngineConfig(model=str(tiny_llama), sinks=sinks, window=window, slots=1, device="cpu", prefill_chunk=10)
     )
     ours = engine.stream_logits(ids, chunk=chunk)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
@@ -124,7 +124,7 @@ def test_window_frame_rebase_is_exact(make_engine):
     """Many wraps of the ring (several rebases of the window frame) keep matching token-by-token."""
     ids = random_ids(400, seed=4)
     engine = make_engine(window=16, prefill_chunk=16)
-    assert engine.rope_positions < 400  # rebasing must happen in this run
+    assert engine.runner.rope.positions < 400  # rebasing must happen in this run
     a = engine.stream_logits(ids, chunk=16)
     b = make_engine(window=16, prefill_chunk=16).stream_logits(ids, chunk=1)
     assert torch.allclose(a, b, atol=1e-4, rtol=0)

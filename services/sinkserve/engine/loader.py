@@ -1,0 +1,58 @@
+"""Loading: the checkpoint named by the config, its weights in the asked format, tokenizer, device, EOS ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from sinkserve.config import EngineConfig
+from sinkserve.engine.models import load_model
+from sinkserve.engine.weights import resolve_checkpoint
+from sinkserve.errors import InvalidArgument
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def eos_ids(hf_config: dict, tokenizer, checkpoint: Path | None = None) -> frozenset[int]:
+    """Every id that ends a reply: config.json's, the tokenizer's and generation_config.json's."""
+    ids: set[int] = set()
+    values = [hf_config.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)]
+    path = checkpoint / "generation_config.json" if checkpoint is not None else None
+    if path is not None and path.is_file():
+        values.append(json.loads(path.read_text()).get("eos_token_id"))
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+def load_engine(config: EngineConfig):
+    """Load the model and tokenizer named by `config` and build an engine around them."""
+    from transformers import AutoTokenizer
+
+    from sinkserve.engine.engine import Engine
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    checkpoint = resolve_checkpoint(config.model)
+    device = resolve_device(config.device)
+    if config.weights == "int4" and device.type != "cpu":
+        raise InvalidArgument(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
+    model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model))

@@ -1,0 +1,278 @@
+"""A step's rows -> the immutable tensors every layer reads (`StepBatch`).
+
+Built once per step, before the forward, from the rows and the slab's bookkeeping; nothing fills or rewrites it
+during the forward. A step's tokens are flattened to `[N, ...]` for the linear layers (no padding there).
+Attention reads them per group of sessions: decode rows (one query per session) and a prefill group (chunks
+padded to the longest).
+
+Positions live inside the cache (StreamingLLM §3.2): every token gets its text position, its cache position
+(against the sinks) and its window-frame position (against the ring); see kv_cache.py for the two frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sinkserve.engine.kv_cache import KVSlab
+from sinkserve.engine.rope import inv_frequencies, rope_table, rotate_half_sign
+
+LogitsMode = Literal["none", "last", "all"]
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One session's slice of a step: its slot, the ids it feeds, which logits it wants back."""
+
+    slot: int
+    ids: list[int]
+    logits: LogitsMode
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    """cos/sin by position, made once per engine. sin tables carry rotate-half's sign (rope.apply_rope); the
+    query tables also carry the softmax scale, so decode queries are scaled by their rotation."""
+
+    inv_freq: torch.Tensor
+    positions: int  # window-frame positions stay below this (KVSlab.rebase keeps them there)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_query: torch.Tensor
+    sin_query: torch.Tensor
+
+    @classmethod
+    def build(cls, args, positions: int, dtype: torch.dtype, device: torch.device) -> "RopeTables":
+        inv_freq = inv_frequencies(args.rot_dim, args.rope_theta, args.rope_scaling)
+        cos, sin = rope_table(inv_freq, positions, dtype, device)
+        sin = rotate_half_sign(sin)
+        scale = args.head_dim**-0.5
+        return cls(inv_freq, positions, cos, sin, cos * scale, sin * scale)
+
+
+@dataclass(frozen=True)
+class AttnGroup:
+    """Sessions ingesting a chunk of more than one token this step (padded to the longest chunk)."""
+
+    slots: torch.Tensor  # [B] slot index per row
+    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
+    tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
+    valid: torch.Tensor  # [B, T] bool: real query
+    mask: torch.Tensor  # bool [B, T, sinks + T + window + T]: which key each query sees
+    # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
+    # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
+    chunk_only: bool = False
+    # Sink-less chunks over a ring: `mask` laid out for the fused kernel, [B, 1, per_kv * T, ring_used + T].
+    attn_mask: torch.Tensor | None = None
+    ring_used: int = 0  # ring entries [0, ring_used) can hold keys for some row (the rest were never written)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """Sessions feeding one token each this step (decoding, or a one-token chunk)."""
+
+    rows: torch.Tensor | None  # [B] flat token index of each; None when the step holds decode rows only
+    slots: torch.Tensor  # [B]
+    slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
+    key_count: int  # entries [0, key_count) of the slots hold a key for some row, the new ones included
+    mask: torch.Tensor | None  # [B, key_count] additive 0 / -inf (model dtype); None when every row fills them
+    sink_columns: torch.Tensor | None  # bool [key_count]: sink entries (cache frame); None without sinks
+    # [B, 1, frames, 1, rot_dim]: frames = (cache, window) with sinks, (window,) without; the softmax scale
+    # is folded in, and sin carries rotate-half's sign (apply_rope)
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor  # [B, 1, rot_dim] the frame each key is stored in: cache for sinks, window otherwise
+    sin_k: torch.Tensor
+    write_slot: torch.Tensor  # [B]
+    write_entry: torch.Tensor  # [B]
+
+
+@dataclass(frozen=True)
+class ChunkTables:
+    """Rotations and write targets of the prefill tokens (over all N tokens unless said)."""
+
+    cos_cache: torch.Tensor  # [N, 1, rot_dim] rotation by cache position (against sinks)
+    sin_cache: torch.Tensor
+    cos_window: torch.Tensor  # [N, 1, rot_dim] rotation by window-frame position (against the ring)
+    sin_window: torch.Tensor
+    rows: torch.Tensor | None  # flat indices of the chunk tokens, written after attention; None = all N
+    cos_store: torch.Tensor  # [chunk tokens, 1, rot_dim] the frame each chunk key is stored in
+    sin_store: torch.Tensor
+    write_slot: torch.Tensor  # [chunk tokens]
+    write_entry: torch.Tensor  # [chunk tokens] entry index inside the slot
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Everything the layers need for one step; built once, shared by every layer, never written to."""
+
+    token_ids: torch.Tensor  # [N]
+    decode: DecodeRows | None
+    groups: tuple[AttnGroup, ...]  # chunked prefill
+    chunk: ChunkTables | None  # set when groups are
+    logits_index: torch.Tensor  # [M] flat indices whose logits the forward returns (at least one)
+    logits_rows: tuple[int, ...]  # per row: the end of its logits in logits_index (0 rows = none asked)
+    # Bookkeeping written to the slab after the forward.
+    slots: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+    position: torch.Tensor  # [N] text position of every token
+    write_slot: torch.Tensor  # [N]
+    write_entry: torch.Tensor  # [N]
+
+
+def build_step_batch(
+    rows: list[RowInput], slab: KVSlab, rope: RopeTables, n_seen: torch.Tensor, per_kv_heads: int
+) -> StepBatch:
+    """The step's inputs. `n_seen` [rows]: tokens each row's slot has seen before this step; `per_kv_heads`:
+    query heads per KV head."""
+    device = slab.device
+    geometry = slab.geometry
+    sinks, window = geometry.sinks, geometry.window
+    lengths = [len(r.ids) for r in rows]
+    slots = torch.tensor([r.slot for r in rows], device=device)
+    base = slab.base[slots]
+
+    lengths_t = torch.tensor(lengths, device=device)
+    row_of_token = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths_t)
+    starts = torch.cumsum(lengths_t, 0) - lengths_t
+    offset = torch.arange(int(lengths_t.sum()), device=device) - starts[row_of_token]
+    position = n_seen[row_of_token] + offset  # text position of every token
+    is_sink = position < sinks
+    cache_position = torch.where(is_sink, position, sinks + (position - sinks).clamp(max=window - 1))
+    window_position = position - base[row_of_token]
+    store_position = torch.where(is_sink, cache_position, window_position)
+    token_ids = torch.tensor([t for r in rows for t in r.ids], device=device)
+    write_slot, write_entry = slots[row_of_token], slab.write_index(position)
+
+    logits_index, logits_rows = [], []
+    cursor = 0
+    for i, r in enumerate(rows):
+        if r.logits == "all":
+            logits_index.extend(range(cursor, cursor + lengths[i]))
+        elif r.logits == "last":
+            logits_index.append(cursor + lengths[i] - 1)
+        logits_rows.append(len(logits_index))
+        cursor += lengths[i]
+    if not logits_index:  # a step that only ingests still runs every layer: one row of logits, dropped
+        logits_index = [0]
+
+    single = [i for i, n in enumerate(lengths) if n == 1]
+    multi = [i for i, n in enumerate(lengths) if n > 1]
+    decode = None
+    if single:
+        decode = _decode_rows(single, starts, n_seen, cache_position, window_position, store_position,
+                              write_slot, write_entry, slab, rope, decode_only=not multi)
+    groups, chunk = (), None
+    if multi:
+        chunk_rows = None if not single else torch.nonzero(lengths_t[row_of_token] > 1).squeeze(1)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x if chunk_rows is None else x[chunk_rows]
+
+        def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n, 1, rot]: over heads
+            return rope.cos[positions][:, None], rope.sin[positions][:, None]
+
+        cos_cache, sin_cache = tables(cache_position)
+        cos_window, sin_window = tables(window_position)
+        cos_store, sin_store = tables(pick(store_position))
+        chunk = ChunkTables(cos_cache, sin_cache, cos_window, sin_window, chunk_rows, cos_store, sin_store,
+                            pick(write_slot), pick(write_entry))
+        groups = (_group(multi, lengths, starts, slots, n_seen, slab, per_kv_heads),)
+    return StepBatch(
+        token_ids=token_ids,
+        decode=decode,
+        groups=groups,
+        chunk=chunk,
+        logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+        logits_rows=tuple(logits_rows),
+        slots=slots,
+        lengths=lengths_t,
+        position=position,
+        write_slot=write_slot,
+        write_entry=write_entry,
+    )
+
+
+def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int) -> AttnGroup:
+    device = slab.device
+    sinks, window = slab.geometry.sinks, slab.geometry.window
+    idx = torch.tensor(members, device=device)
+    group_slots = slots[idx]
+    steps = max(lengths[i] for i in members)
+    group_len = torch.tensor([lengths[i] for i in members], device=device)
+    arange_t = torch.arange(steps, device=device)
+    valid = arange_t[None, :] < group_len[:, None]  # [B, T]
+    n_tokens = int(sum(lengths))
+    tokens = torch.where(valid, starts[idx][:, None] + arange_t[None, :], n_tokens)
+    t_q = n_seen[idx][:, None] + arange_t[None, :]  # [B, T]
+    seen = n_seen[idx]
+
+    sink_mask = (torch.arange(sinks, device=device)[None, :] < seen[:, None])[:, None, :].expand(-1, steps, -1)
+    ring_position = slab.entry_position[group_slots, sinks:]  # [B, W]
+    ring = (ring_position >= 0)[:, None, :] & (t_q[:, :, None] - ring_position[:, None, :] <= window - 1)
+    causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
+    key_valid = valid[:, None, :]
+    chunk_sink = key_valid & causal & (t_q < sinks)[:, None, :]
+    distance = t_q[:, :, None] - t_q[:, None, :]
+    chunk_window = key_valid & causal & (t_q >= sinks)[:, None, :] & (distance <= window - 1)
+    mask = torch.cat([sink_mask, chunk_sink, ring, chunk_window], dim=-1) & valid[:, :, None]
+    mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
+    ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
+    # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
+    # is plain causal.
+    chunk_only = sinks == 0 and ring_used == 0 and steps <= window
+    attn_mask = None
+    if sinks == 0 and not chunk_only:
+        # One frame only (window, dense, recompute past its first chunk): [B, T, ring_used + T] in the query
+        # order of attention's heads-first layout, [B, 1, per_kv * T, keys].
+        keys = torch.cat([mask[..., steps : steps + ring_used], mask[..., steps + window :]], dim=-1)
+        attn_mask = keys[:, None].expand(len(members), per_kv, steps, keys.shape[-1]).reshape(
+            len(members), 1, per_kv * steps, keys.shape[-1]
+        )
+    return AttnGroup(group_slots, slot_range(group_slots), tokens, valid, mask, chunk_only=chunk_only,
+                     attn_mask=attn_mask, ring_used=ring_used)
+
+
+def _decode_rows(members, starts, n_seen, cache_position, window_position, store_position,
+                 write_slot, write_entry, slab: KVSlab, rope: RopeTables, decode_only: bool) -> DecodeRows:
+    device, sinks = slab.device, slab.geometry.sinks
+    idx = torch.tensor(members, device=device)
+    rows = starts[idx]  # one token per member: its flat index
+    group_slots, seen = write_slot[rows], n_seen[idx]
+    # Entries are written in order (sinks, then the ring until it wraps), so once this token is written a
+    # slot holds exactly its first `filled` entries.
+    filled = (seen + 1).clamp(max=slab.geometry.capacity)
+    key_count, fewest = int(filled.max()), int(filled.min())
+    mask = None
+    if fewest < key_count:
+        empty = torch.arange(key_count, device=device)[None, :] >= filled[:, None]
+        mask = torch.zeros(empty.shape, dtype=slab.dtype, device=device).masked_fill_(empty, float("-inf"))
+    cache_pos, window_pos, store_pos = cache_position[rows], window_position[rows], store_position[rows]
+    if sinks:
+        cos_q = torch.stack([rope.cos_query[cache_pos], rope.cos_query[window_pos]], dim=1)
+        sin_q = torch.stack([rope.sin_query[cache_pos], rope.sin_query[window_pos]], dim=1)
+    else:
+        cos_q, sin_q = rope.cos_query[window_pos][:, None], rope.sin_query[window_pos][:, None]
+    return DecodeRows(
+        rows=None if decode_only else rows,
+        slots=group_slots,
+        slot_range=slot_range(group_slots),
+        key_count=key_count,
+        mask=mask,
+        sink_columns=slab.sink_columns[:key_count] if sinks else None,
+        cos_q=cos_q[:, None, :, None],
+        sin_q=sin_q[:, None, :, None],
+        cos_k=rope.cos[store_pos][:, None],
+        sin_k=rope.sin[store_pos][:, None],
+        write_slot=group_slots,
+        write_entry=write_entry[rows],
+    )
+
+
+def slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when `slots` are consecutive (the slab is then sliced, not gathered), else None."""
+    slot_list = slots.tolist()
+    contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+    return (slot_list[0], slot_list[-1] + 1) if contiguous else None
