@@ -1,10 +1,13 @@
 """The continuous-batching loop: one thread owns the engine and runs every forward step.
 
-The engine is not thread-safe, so nothing else touches it: callers hand the loop small functions
-(``call``) that run on the engine thread between two steps, and receive their session's TokenOutputs on
-an asyncio queue they subscribed with. Between steps the loop first runs the queued calls (so a new
-turn joins the very next batched step), then one ``engine.step()`` if any session has work, and blocks
-on the call queue when idle.
+The engine is not thread-safe, so nothing else touches it. Callers submit typed commands (below) that run on the
+engine thread between two steps, in the order submitted, and await their results; a turn's TokenOutputs reach
+the asyncio queue its `StartTurn` named. Between steps the loop first runs the queued commands (so a new turn
+joins the very next batched step), then one `engine.step()` if any session has work, and blocks on the command
+queue when idle.
+
+Each command is one atomic change of the engine's state. A caller cancelled while awaiting one leaves nothing
+half-done: the command either runs whole or not at all, and residency is recorded only in the engine.
 """
 
 from __future__ import annotations
@@ -14,22 +17,155 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sinkserve.engine import Engine, TokenOutput
+from sinkserve.errors import ReplicaUnavailable, SessionNotFound
+from sinkserve.protocol import GenerationParams, SessionView
 
 logger = logging.getLogger("sinkserve.replica")
+
+
+@dataclass(frozen=True)
+class TurnSink:
+    """Where a turn's TokenOutputs go: an asyncio queue on the replica's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class Acquire:
+    """Make the session resident under `epoch`: True, or False when it must be rebuilt (see Engine.acquire)."""
+
+    session_id: str
+    epoch: int
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> bool:
+        return engine.acquire(self.session_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """Give the session a cache under `epoch` from its transcript's two ends (or, with no transcript yet, open it
+    with its system prompt). Idempotent: a session already held under `epoch` is only made resident."""
+
+    session_id: str
+    epoch: int
+    transcript: list[int]
+    total_tokens: int
+    system_prompt: str | None
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> bool:
+        """True when a cache was rebuilt from the transcript."""
+        if engine.acquire(self.session_id, self.epoch):
+            return False
+        if self.transcript:
+            engine.import_session(self.session_id, self.transcript, self.total_tokens, tag=self.epoch)
+            return True
+        engine.open_session(self.session_id, self.system_prompt, tag=self.epoch)
+        return False
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    session_id: str
+    epoch: int
+    text: str
+    params: GenerationParams
+    sink: TurnSink
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> None:
+        if not engine.has_session(self.session_id, self.epoch):
+            raise SessionNotFound(f"session {self.session_id} is not loaded on this replica")
+        engine.add_message(self.session_id, self.text, self.params)
+        loop.subscribers[self.session_id] = self.sink
+
+
+@dataclass(frozen=True)
+class AbortTurn:
+    """Stop the session's turn now; returns its final TokenOutput (None when no turn was running)."""
+
+    session_id: str
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> TokenOutput | None:
+        loop.subscribers.pop(self.session_id, None)
+        if not engine.has_session(self.session_id):
+            return None
+        return engine.abort_turn(self.session_id)
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    """Take the session out of the engine (aborting a running turn, whose stream then ends with `reason`)."""
+
+    session_id: str
+    reason: BaseException | None = None
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> bool:
+        sink = loop.subscribers.pop(self.session_id, None)
+        if sink is not None and self.reason is not None:
+            sink.put(self.reason)
+        if not engine.has_session(self.session_id):
+            return False
+        engine.close_session(self.session_id)
+        return True
+
+
+@dataclass(frozen=True)
+class ViewSession:
+    session_id: str
+
+    def run(self, engine: Engine, loop: "EngineLoop") -> SessionView | None:
+        return engine.session_view(self.session_id) if engine.has_session(self.session_id) else None
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    slots: int
+    free_slots: int
+    resident: int
+    parked: int
+    busy: int
+    parks: int
+    unparks: int
+    drops: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    def run(self, engine: Engine, loop: "EngineLoop") -> EngineSnapshot:
+        residency = engine.residency
+        return EngineSnapshot(
+            slots=engine.slots, free_slots=engine.free_slots, resident=len(residency.resident()),
+            parked=len(residency.parked()), busy=sum(s.busy for s in engine.sessions.all()),
+            parks=residency.stats.parks, unparks=residency.stats.unparks, drops=residency.stats.drops,
+            steps=loop.steps,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class _Pending:
+    command: Any
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(repr=False)
+
 
 _STOP = object()
 
 
-class LoopDead(RuntimeError):
-    pass
-
-
 class EngineLoop:
-    def __init__(self, engine: Any, idle_wait_s: float = 0.5):
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.5):
         self.engine = engine
-        self._calls: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._subscribers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._commands: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.subscribers: dict[str, TurnSink] = {}  # engine thread only
         self._idle_wait_s = idle_wait_s
         self._thread = threading.Thread(target=self._run, name="sinkserve-engine-loop", daemon=True)
         self.error: BaseException | None = None
@@ -41,7 +177,7 @@ class EngineLoop:
         return self
 
     def stop(self, timeout_s: float = 10) -> None:
-        self._calls.put(_STOP)
+        self._commands.put(_STOP)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
@@ -50,39 +186,23 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     @property
-    def active_turns(self) -> int:
-        return len(self._subscribers)
+    def pending(self) -> int:
+        return self._commands.qsize()
 
-    @property
-    def pending_calls(self) -> int:
-        return self._calls.qsize()
-
-    # ---- API used from asyncio code (any thread)
-    def call(self, fn: Callable[[Any], Any]) -> "asyncio.Future[Any]":
-        """Run ``fn(engine)`` on the engine thread between steps; await the returned future for its result."""
+    def submit(self, command: Any) -> "asyncio.Future[Any]":
+        """Queue `command` for the engine thread; await the returned future for its result."""
         if not self.alive:
-            raise LoopDead(f"engine loop is not running: {self.error!r}")
+            raise ReplicaUnavailable("the replica's engine is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._calls.put((fn, loop, future))
+        self._commands.put(_Pending(command, loop, future))
         return future
-
-    def subscribe(self, session_id: str, loop: asyncio.AbstractEventLoop, out_queue: asyncio.Queue) -> None:
-        """Only from inside a ``call``: route the session's TokenOutputs to ``out_queue`` until its final one."""
-        self._subscribers[session_id] = (loop, out_queue)
-
-    def unsubscribe(self, session_id: str, reason: BaseException | None = None) -> None:
-        """Stop routing the session's outputs; with a ``reason``, its waiting stream gets that error."""
-        entry = self._subscribers.pop(session_id, None)
-        if entry is not None and reason is not None:
-            loop, out_queue = entry
-            loop.call_soon_threadsafe(out_queue.put_nowait, reason)
 
     # ---- engine thread
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_calls(block=not self.engine.has_work()):
+                if not self._run_commands(block=not self.engine.has_work()):
                     return
                 if self.engine.has_work():
                     outputs = self.engine.step()
@@ -93,58 +213,55 @@ class EngineLoop:
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
             logger.exception("engine loop died")
             self.error = err
-            for session_id in list(self._subscribers):
-                loop, out_queue = self._subscribers.pop(session_id)
-                loop.call_soon_threadsafe(out_queue.put_nowait, LoopDead(f"engine loop died: {err!r}"))
-            self._fail_pending(err)
+            for sink in self.subscribers.values():
+                sink.put(ReplicaUnavailable("the replica's engine failed"))
+            self.subscribers.clear()
+            self._fail_pending()
 
-    def _drain_calls(self, block: bool) -> bool:
-        """Run queued calls; False when asked to stop."""
+    def _run_commands(self, block: bool) -> bool:
+        """Run queued commands; False when asked to stop."""
         try:
-            item = self._calls.get(timeout=self._idle_wait_s) if block else self._calls.get_nowait()
+            item = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
             return True
         while True:
             if item is _STOP:
-                self._fail_pending(LoopDead("engine loop stopped"))
+                self._fail_pending()
                 return False
-            fn, loop, future = item
             try:
-                result = fn(self.engine)
+                result = item.command.run(self.engine, self)
             except Exception as err:  # noqa: BLE001 - the caller gets the error
-                loop.call_soon_threadsafe(_set_exception, future, err)
+                item.loop.call_soon_threadsafe(_settle, item.future, None, err)
             else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+                item.loop.call_soon_threadsafe(_settle, item.future, result, None)
             try:
-                item = self._calls.get_nowait()
+                item = self._commands.get_nowait()
             except queue.Empty:
                 return True
 
-    def _deliver(self, out: Any) -> None:
-        entry = self._subscribers.get(out.session_id)
-        if entry is None:
+    def _deliver(self, out: TokenOutput) -> None:
+        sink = self.subscribers.get(out.session_id)
+        if sink is None:
             return
         if out.finished:
-            del self._subscribers[out.session_id]
-        loop, out_queue = entry
-        loop.call_soon_threadsafe(out_queue.put_nowait, out)
+            del self.subscribers[out.session_id]
+        sink.put(out)
 
-    def _fail_pending(self, err: BaseException) -> None:
+    def _fail_pending(self) -> None:
         while True:
             try:
-                item = self._calls.get_nowait()
+                item = self._commands.get_nowait()
             except queue.Empty:
                 return
             if item is not _STOP:
-                _, loop, future = item
-                loop.call_soon_threadsafe(_set_exception, future, LoopDead(str(err)))
+                item.loop.call_soon_threadsafe(_settle, item.future, None,
+                                               ReplicaUnavailable("the replica's engine stopped"))
 
 
-def _set_result(future: asyncio.Future, result: Any) -> None:
-    if not future.done():
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up waiting; the command ran (or failed) all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
         future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future, err: BaseException) -> None:
-    if not future.done():
-        future.set_exception(err)

@@ -1,0 +1,232 @@
+"""One turn on this replica: admission, residency, streaming, and the transcript commit.
+
+A turn is acknowledged (its `TurnFinished` sent) only after its tokens are in the transcript. Whatever cuts a
+turn short (client hang-up, deadline, a failure), the part of the reply the cache holds is recorded, so the
+transcript and the cache never disagree; if that cannot be done the cache is dropped, to be rebuilt from the
+log. Commits are shielded from cancellation: once started they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from redis import exceptions as redis_exc
+
+from sinkserve.config import ReplicaConfig
+from sinkserve.engine import TokenOutput
+from sinkserve.errors import (
+    DeadlineExceeded,
+    Fenced,
+    NoFreeSlot,
+    ReplicaUnavailable,
+    ResourceExhausted,
+    SessionBusy,
+    SessionNotFound,
+    SinkServeError,
+    StoreUnavailable,
+)
+from sinkserve.protocol import GenerationParams, TurnDelta, TurnEvent, TurnFinished
+from sinkserve.replica.loop import AbortTurn, Acquire, CloseSession, EngineLoop, Rebuild, StartTurn, TurnSink, ViewSession
+from sinkserve.replica.metrics import ReplicaMetrics
+from sinkserve.store import SessionRecord, Store
+
+logger = logging.getLogger("sinkserve.replica")
+
+STORE_ERRORS = (redis_exc.RedisError, ConnectionError, OSError)
+
+
+class Admission:
+    """Turns waiting for a KV slot while every slot is generating: a bounded queue with a bounded wait."""
+
+    def __init__(self, cfg: ReplicaConfig):
+        self.cfg = cfg
+        self.waiting = 0
+        self._released = asyncio.Condition()
+
+    async def released(self) -> None:
+        """A slot may be free or parkable now (a turn ended, a session closed)."""
+        async with self._released:
+            self._released.notify_all()
+
+    def give_up_at(self, deadline_unix: float | None) -> float:
+        give_up = time.monotonic() + self.cfg.admission_timeout_s
+        if deadline_unix is not None:
+            give_up = min(give_up, time.monotonic() + max(0.0, deadline_unix - time.time()))
+        return give_up
+
+    async def wait(self, give_up: float) -> None:
+        """Wait for a release (at most a second, then the caller retries); refuse past `give_up`."""
+        remaining = give_up - time.monotonic()
+        if remaining <= 0:
+            raise ResourceExhausted(
+                f"every cache slot on this replica is generating (waited {self.cfg.admission_timeout_s:.0f}s at "
+                "most); retry shortly",
+                retry_after_s=1.0,
+            )
+        async with self._released:
+            try:
+                await asyncio.wait_for(self._released.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    def enter(self) -> None:
+        if self.waiting >= self.cfg.admission_queue:
+            raise ResourceExhausted("every cache slot is generating and the wait queue is full", retry_after_s=1.0)
+        self.waiting += 1
+
+    def leave(self) -> None:
+        self.waiting -= 1
+
+
+class Turns:
+    def __init__(self, loop: EngineLoop, store: Store, replica_id: str, cfg: ReplicaConfig, metrics: ReplicaMetrics,
+                 cache_ends: tuple[int, int], on_lost: Callable[[str], Awaitable[None]]):
+        self.loop = loop
+        self.store = store
+        self.replica_id = replica_id
+        self.admission = Admission(cfg)
+        self.metrics = metrics
+        self.sinks, self.window = cache_ends  # what a rebuild reads from the transcript's two ends
+        self.on_lost = on_lost  # the session must not be served from this replica's cache again
+        self.active: set[str] = set()
+        self.rebuilt = 0
+
+    # ---- residency
+    async def make_resident(self, record: SessionRecord, epoch: int, deadline_unix: float | None = None) -> None:
+        """The session's cache in a slot under `epoch`: kept, copied back from host memory, or rebuilt from the
+        transcript's ends. Waits (bounded) while every slot is generating."""
+        sid = record.session_id
+        queued, give_up = False, None
+        try:
+            while True:
+                try:
+                    if await self.loop.submit(Acquire(sid, epoch)):
+                        return
+                    ids, total = await self.store.sessions.transcript_ends(sid, self.sinks, self.window)
+                    if await self.loop.submit(Rebuild(sid, epoch, ids, total, record.system_prompt or None)):
+                        self.rebuilt += 1
+                        self.metrics.count("rebuilds")
+                    return
+                except NoFreeSlot:
+                    if not queued:
+                        self.admission.enter()
+                        queued, give_up = True, self.admission.give_up_at(deadline_unix)
+                    await self.admission.wait(give_up)
+        finally:
+            if queued:
+                self.admission.leave()
+
+    # ---- a turn
+    async def run(self, record: SessionRecord, epoch: int, text: str, params: GenerationParams,
+                  deadline_unix: float | None) -> AsyncIterator[TurnEvent]:
+        sid = record.session_id
+        if sid in self.active:
+            raise SessionBusy(f"session {sid} is still replying to a previous message")
+        self.active.add(sid)
+        try:
+            await self.make_resident(record, epoch, deadline_unix)
+            sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
+            started = self.loop.submit(StartTurn(sid, epoch, text, params, sink))
+            finished = False
+            try:
+                await asyncio.shield(started)
+                async for event in self._stream(sink, deadline_unix):
+                    if isinstance(event, TokenOutput):
+                        finished = True
+                        turns = await asyncio.shield(self._commit(record, epoch, event))
+                        yield TurnFinished(
+                            finish_reason=event.finish_reason or "eos", prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens, turn=turns, replica=self.replica_id,
+                            cache_entries=await self._cache_entries(sid), text=event.text or "",
+                        )
+                        return
+                    yield event
+            except BaseException:
+                if not finished:
+                    # Cancelled (client hang-up, deadline) or failed: stop generating now and record the part of
+                    # the reply the cache holds, so the transcript and the cache stay the same.
+                    await asyncio.shield(self._abort_and_record(record, epoch, sink, started))
+                raise
+        finally:
+            self.active.discard(sid)
+            await self.admission.released()
+
+    async def _stream(self, sink: TurnSink, deadline_unix: float | None) -> AsyncIterator[TurnDelta | TokenOutput]:
+        """The turn's text, one TurnDelta per batch of queued steps, then its final TokenOutput."""
+        while True:
+            timeout = None if deadline_unix is None else max(0.0, deadline_unix - time.time())
+            try:
+                item = await asyncio.wait_for(sink.queue.get(), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded("the turn ran past its deadline and was stopped") from None
+            items = [item]
+            while not sink.queue.empty():  # steps that ran while we waited go out as one delta
+                items.append(sink.queue.get_nowait())
+            text, tokens = "", 0
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    if text:
+                        yield TurnDelta(text, tokens)
+                    yield item
+                    return
+                text, tokens = text + item.text, tokens + 1
+            if text:
+                yield TurnDelta(text, tokens)
+
+    async def _abort_and_record(self, record: SessionRecord, epoch: int, sink: TurnSink,
+                                started: asyncio.Future) -> None:
+        sid = record.session_id
+        try:
+            final = await self.loop.submit(AbortTurn(sid))
+        except ReplicaUnavailable:
+            return  # the engine is gone, and its caches with it
+        while final is None and not sink.queue.empty():  # the turn ended on its own just before the abort
+            item = sink.queue.get_nowait()
+            if isinstance(item, TokenOutput) and item.finished:
+                final = item
+        if final is None:
+            if started.done() and not started.cancelled() and started.exception() is None:
+                await self.drop(sid)  # a turn ran but left no record: rebuild from the log to be safe
+            return  # the turn never started: the cache is as the transcript says
+        try:
+            await self._commit(record, epoch, final)
+        except SinkServeError:  # _commit already dropped the cache
+            logger.warning("could not record the aborted turn of %s", sid, exc_info=True)
+
+    async def _commit(self, record: SessionRecord, epoch: int, final: TokenOutput) -> int:
+        """Append the turn's tokens to the transcript (and charge the tenant); returns the session's turn count.
+        If that fails the cache is dropped, to be rebuilt from the log."""
+        sid = record.session_id
+        try:
+            return await self.store.sessions.append_transcript(
+                sid, self.replica_id, epoch, list(final.turn_tokens or []), count_turn=True, tenant=record.tenant,
+                charge_tokens=final.prompt_tokens + final.completion_tokens,
+            )
+        except (Fenced, SessionNotFound) as err:
+            await self.on_lost(sid)
+            raise type(err)(f"turn not recorded: {err.message}") from None
+        except STORE_ERRORS:
+            logger.warning("transcript append for %s failed", sid, exc_info=True)
+            await self.drop(sid)
+            raise StoreUnavailable("turn not recorded: the session store is unavailable") from None
+
+    async def _cache_entries(self, session_id: str) -> int:
+        try:
+            view = await self.loop.submit(ViewSession(session_id))
+        except ReplicaUnavailable:
+            return 0
+        return view.cache_entries if view is not None else 0
+
+    async def drop(self, session_id: str, reason: BaseException | None = None) -> bool:
+        """Take the session out of the engine (aborting a running turn); its transcript stays."""
+        try:
+            dropped = await self.loop.submit(CloseSession(session_id, reason))
+        except ReplicaUnavailable:
+            return False
+        await self.admission.released()
+        return dropped
