@@ -34,11 +34,11 @@ class Geometry:
         return f"{self.policy} ({self.cache})"
 
 
-def load(model: str, geometry: Geometry, max_sessions: int = 1, dtype: str = "float32", **overrides):
+def load(model: str, geometry: Geometry, slots: int = 1, dtype: str = "float32", **overrides):
     from sinkserve.config import EngineConfig
     from sinkserve.engine import load_engine
 
-    fields = dict(model=model, dtype=dtype, device="cpu", max_sessions=max_sessions)
+    fields = dict(model=model, dtype=dtype, device="cpu", slots=slots)
     fields.update(geometry.engine_fields())
     fields.update(overrides)
     return load_engine(EngineConfig(**fields))

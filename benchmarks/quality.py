@@ -21,7 +21,7 @@ def _evaluate(model: str, geometry: Geometry, text: str, tokens: int, chunk: int
     from sinkserve.engine.ppl import evaluate_ppl
 
     # recompute scores many positions at once, one slot per position: more slots, bigger batched forwards
-    engine = load(model, geometry, prefill_chunk=chunk, max_sessions=8 if geometry.policy == "recompute" else 1)
+    engine = load(model, geometry, prefill_chunk=chunk, slots=8 if geometry.policy == "recompute" else 1)
     log(f"ppl {geometry.label}: {tokens} tokens")
     with Stopwatch() as watch:
         result = evaluate_ppl(engine, text, max_tokens=tokens, chunk=chunk, progress=True)

@@ -121,7 +121,7 @@ def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
 
     rows = []
     for sessions in tqdm(plan.throughput_sessions, desc="batched throughput", unit="batch"):
-        engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=sessions,
+        engine = load(model, Geometry("streaming", plan.throughput_cache), slots=sessions,
                       dtype=plan.speed_dtype, weights=plan.speed_weights)
         sids = [engine.open_session() for _ in range(sessions)]
         params = SamplingParams(max_tokens=plan.throughput_decode_steps + 8, ignore_eos=True)
@@ -169,7 +169,7 @@ def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
         row["scaling_vs_1"] = row["tokens_per_s"] / single if single else None
     single_dense = None
     if plan.speed_weights != "dense":  # the same single session on dense weights
-        engine = load(model, Geometry("streaming", plan.throughput_cache), max_sessions=1, dtype=plan.speed_dtype)
+        engine = load(model, Geometry("streaming", plan.throughput_cache), slots=1, dtype=plan.speed_dtype)
         sid = engine.open_session()
         timing = decode_step_times(engine, sid, PROMPTS[0], plan.throughput_decode_steps)
         single_dense = 1 / timing["median_step_s"]
@@ -203,7 +203,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     from sinkserve.engine import SamplingParams
 
     engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache,
-                  dtype=plan.speed_dtype, weights=plan.speed_weights, max_sessions=2)
+                  dtype=plan.speed_dtype, weights=plan.speed_weights, slots=2)
     tokenizer = engine.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens

@@ -126,7 +126,7 @@ class LocalStack:
                 "--replicas", str(self.replicas),
                 "--port", str(port),
                 "--model", str(self.model.checkpoint),
-                "--max-sessions", str(self.slots),
+                "--slots", str(self.slots),
                 "--sinks", str(self.sinks),
                 "--window", str(self.window),
                 "--redis-url", self.redis_url,

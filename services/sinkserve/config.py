@@ -62,7 +62,13 @@ class EngineConfig(_Section):
         description="recent KV entries kept per session, the token being processed included: every token "
         "attends to at most sinks + window keys (the reference's recent_size + 1)",
     )
-    max_sessions: int = Field(16, ge=1, description="KV slab slots: sessions resident at once")
+    slots: int = Field(16, ge=1, description="KV slab slots per replica: sessions resident at once")
+    park_host_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        description="host memory for parked sessions' caches (idle sessions whose slot was taken); past it the "
+        "least recently used parked session is dropped and rebuilt from its transcript on its next turn",
+    )
     prefill_chunk: int = Field(256, ge=1, description="max prompt tokens of one session ingested per step")
     max_step_tokens: int = Field(2048, ge=1, description="max tokens (decode + prefill) in one batched step")
     max_context: int | None = Field(
@@ -106,12 +112,6 @@ class ReplicaConfig(_Section):
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
-    park_host_bytes: int = Field(
-        2 * 2**30,
-        ge=0,
-        description="host memory for parked sessions' caches (idle sessions whose slot was taken); past it the "
-        "least recently used parked session is dropped and rebuilt from its transcript on its next turn",
-    )
     admission_queue: int = Field(1024, ge=0, description="turns that may wait for a free slot; more are refused")
     admission_timeout_s: float = Field(
         30, gt=0, description="how long a turn waits for a slot before RESOURCE_EXHAUSTED (with a retry hint)"

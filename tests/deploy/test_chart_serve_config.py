@@ -33,7 +33,7 @@ def test_app_args_load_with_the_apps_own_settings(rendered):
     assert settings.engine.model == v["engine"]["model"]
     assert settings.engine.sinks == v["engine"]["sinks"]
     assert settings.engine.window == v["engine"]["window"]
-    assert settings.engine.max_sessions == v["engine"]["slotsPerReplica"]
+    assert settings.engine.slots == v["engine"]["slotsPerReplica"]
     assert settings.engine.dtype == v["engine"]["dtype"]
     assert settings.engine.weights == v["engine"]["weights"]
     assert settings.engine.packed_max_rows == v["engine"]["packedMaxRows"]

@@ -78,7 +78,7 @@ def stack_settings(checkpoint: Path, redis_url: str, **overrides: Any) -> Settin
             "model": str(checkpoint),
             "sinks": SINKS,
             "window": WINDOW,
-            "max_sessions": 16,
+            "slots": 16,
             "device": "cpu",
             "dtype": "float32",
             "num_threads": 1,

@@ -18,7 +18,7 @@ def bundled_address(stack):
     from sinkserve.replica.local import deploy
 
     settings = Settings(
-        engine={"sinks": 4, "window": 252, "max_sessions": 2, "device": "cpu", "num_threads": 1},
+        engine={"sinks": 4, "window": 252, "slots": 2, "device": "cpu", "num_threads": 1},
         replica={"num_replicas": 1, "num_cpus": 0.5, "load_report_interval_s": 0.5},
         redis={"url": stack.settings.redis.url, "key_prefix": "bundled"},
         gateway={"host": "127.0.0.1", "port": 0},

@@ -118,7 +118,7 @@ def tiny_engine(tiny_checkpoint):
     from sinkserve.engine import load_engine
 
     return load_engine(
-        EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, max_sessions=2, device="cpu", num_threads=1)
+        EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, slots=2, device="cpu", num_threads=1)
     )
 
 
@@ -240,7 +240,7 @@ async def test_parked_sessions_resume_exactly_and_are_reported(redis_server, tin
 
         # The same conversation in an engine with a slot per session (never parked) says the same.
         reference = load_engine(
-            EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, max_sessions=5, device="cpu", num_threads=1)
+            EngineConfig(model=str(tiny_checkpoint), sinks=4, window=28, slots=5, device="cpu", num_threads=1)
         )
         params = SamplingParams(max_tokens=12, ignore_eos=True)
         for sid in sids:
