@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from sinkserve.config import BUNDLED_MODEL, CachePolicy, DType, EngineConfig
+from sinkserve.cli_flags import ConfigError, ConfigFlags, GivenFlags
+from sinkserve.config import BUNDLED_MODEL, EngineConfig
 
 app = typer.Typer(
     name="sinkserve",
@@ -25,11 +26,14 @@ app = typer.Typer(
 model_app = typer.Typer(help="The bundled default model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-WINDOW_HELP = (
-    "recent KV entries kept per session, the token being processed included: each token attends to at "
-    "most sinks + window keys (the official streaming-llm code's recent_size is window - 1)"
+# The engine settings of the one-session commands (generate, ppl), as flags derived from EngineConfig. `up` takes
+# every engine field; these leave out what a single session has no use for (slots, parking) and the default
+# sampling seed (generate has its own --seed).
+MODEL_FLAGS = ConfigFlags.of(
+    "engine",
+    ("model", "dtype", "weights", "packed_max_rows", "device", "policy", "sinks", "window", "prefill_chunk",
+     "max_context", "num_threads"),
 )
-WEIGHTS_HELP = "dense | int4 (4-bit weights for decode on CPU, the bundled GGUF's own blocks; needs --dtype bfloat16)"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -37,17 +41,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _engine_config(**overrides) -> EngineConfig:
-    from pydantic import ValidationError
+def engine_config(flags: GivenFlags, **fixed) -> EngineConfig:
+    """The engine config of a one-session command: defaults, then SINKSERVE_ENGINE__* env, then the flags the
+    user gave, then what the command itself fixes (`fixed`). Exits 2 naming the flag when a value is refused."""
+    from sinkserve.config import Settings
 
     try:
-        return EngineConfig(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as err:
-        details = "; ".join(
-            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
-            for e in err.errors()
-        )
-        _fail(details)
+        return flags.build(lambda: Settings(engine={**flags.section("engine"), **fixed})).engine
+    except ConfigError as err:
+        _fail(str(err))
         raise  # unreachable
 
 
@@ -66,6 +68,7 @@ def model_prepare(
 
 
 @app.command()
+@MODEL_FLAGS
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the user message"),
     system: Optional[str] = typer.Option(None, help="system prompt"),
@@ -76,21 +79,13 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, min=0.0),
     seed: Optional[int] = typer.Option(None),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    model: str = typer.Option(BUNDLED_MODEL, help="bundled model name or checkpoint directory"),
-    sinks: int = typer.Option(4, help="attention-sink entries"),
-    window: int = typer.Option(1020, help=WINDOW_HELP),
-    policy: str = typer.Option("streaming", help="streaming | window | recompute | dense"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    weights: str = typer.Option("dense", help=WEIGHTS_HELP),
-    device: str = typer.Option("auto"),
+    *,
+    flags: GivenFlags,
 ) -> None:
     """Stream a reply to one message to the terminal."""
+    cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
     from sinkserve.engine import EngineError, SamplingParams, load_engine
 
-    cfg = _engine_config(
-        model=model, sinks=sinks, window=window, policy=policy, dtype=dtype, weights=weights, device=device,
-        max_sessions=1,
-    )
     try:
         engine = load_engine(cfg)
         params = SamplingParams(
@@ -118,39 +113,26 @@ def generate(
 
 
 @app.command()
+@MODEL_FLAGS
 def ppl(
     text: Path = typer.Option(..., "--text", exists=True, dir_okay=False, readable=True, help="UTF-8 text file"),
     tokens: int = typer.Option(2000, "--tokens", min=2, help="evaluate the first N tokens"),
-    model: str = typer.Option(BUNDLED_MODEL, help="bundled model name or checkpoint directory"),
-    sinks: int = typer.Option(4, help="attention-sink entries"),
-    window: int = typer.Option(252, help=WINDOW_HELP),
-    policy: str = typer.Option("streaming", help="streaming | window | recompute | dense"),
-    dtype: str = typer.Option("float32"),
-    weights: str = typer.Option("dense", help=WEIGHTS_HELP),
-    device: str = typer.Option("auto"),
-    chunk: int = typer.Option(
-        256, min=1, help="tokens fed per forward; every token still sees exactly the cache state before it"
-    ),
-    max_context: Optional[int] = typer.Option(None, help="dense only: cache capacity (default: model context)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     progress: bool = typer.Option(True, help="progress bar on stderr"),
+    *,
+    flags: GivenFlags,
 ) -> None:
-    """Perplexity of a long text, token by token through the cache (the paper's eval_long_ppl)."""
+    """Perplexity of a long text, token by token through the cache (the paper's eval_long_ppl).
+
+    Tokens are fed --prefill-chunk at a time; every token still sees exactly the cache state before it.
+    """
+    cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
+    if cfg.policy == "recompute":
+        cfg.slots = 8  # recompute scores 8 positions per forward
+    chunk = cfg.prefill_chunk
     from sinkserve.engine import EngineError, load_engine
     from sinkserve.engine.ppl import evaluate_ppl
 
-    cfg = _engine_config(
-        model=model,
-        sinks=sinks,
-        window=window,
-        policy=policy,
-        dtype=dtype,
-        weights=weights,
-        device=device,
-        max_sessions=8 if policy == "recompute" else 1,  # recompute scores 8 positions per forward
-        prefill_chunk=chunk,
-        max_context=max_context,
-    )
     content = text.read_text(encoding="utf-8", errors="replace")
     try:
         engine = load_engine(cfg)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from sinkserve.cli_flags import ConfigError, ConfigFlags, GivenFlags
 from sinkserve.client import DEFAULT_ADDRESS, load_defaults, save_defaults
 
 tenant_app = typer.Typer(help="Tenants and their API keys (in the stack's Redis).", no_args_is_help=True)
@@ -25,15 +26,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _settings(**sections):
-    from pydantic import ValidationError
-
+def _settings(flags: Optional[GivenFlags] = None, **sections):
+    """Settings: defaults, then SINKSERVE_* env, then `sections` (the flags given, what the command fixes).
+    A refused value exits 2, named by its flag when a flag set it, else by its config path."""
     from sinkserve.config import Settings
 
     try:
-        return Settings(**{k: v for k, v in sections.items() if v})
-    except ValidationError as err:
-        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+        return (flags or GivenFlags(ConfigFlags(), {})).build(lambda: Settings(**sections))
+    except ConfigError as err:
+        _fail(str(err))
 
 
 def _redis_url(flag: Optional[str]) -> str:
@@ -42,47 +43,58 @@ def _redis_url(flag: Optional[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- up
+# `up` takes every engine field as a flag, the replica count and size, and the gateway port (all from the config).
+UP_FLAGS = (
+    ConfigFlags.of("replica", (("num_replicas", "--replicas", "-n"), ("num_cpus", "--replica-cpus")))
+    + ConfigFlags.of("gateway", ("port",))
+    + ConfigFlags.of("engine")
+)
+
+
+def up_settings(flags: GivenFlags, redis_url: Optional[str] = None):
+    """The config `up` runs with: defaults, then SINKSERVE_* env, then every flag given (0 included); Ray and
+    the gateway on 127.0.0.1 only. Exits 2 naming the flag when a value is refused."""
+    if redis_url is not None and not redis_url.strip():
+        _fail("--redis-url: must not be empty (leave it out to start a redis-server)")
+    settings = _settings(
+        flags,
+        engine=flags.section("engine"),
+        replica=flags.section("replica"),
+        gateway={**flags.section("gateway"), "host": "127.0.0.1"},
+        ray={"address": None, "host": "127.0.0.1"},
+        redis={"url": redis_url} if redis_url is not None else {},
+    )
+    if settings.engine.num_threads is None:
+        # Replicas share this machine's cores: split them instead of every replica using all of them.
+        settings.engine.num_threads = max(1, (os.cpu_count() or 1) // settings.replica.num_replicas)
+    return settings
+
+
+@UP_FLAGS
 def up(
-    replicas: int = typer.Option(1, "--replicas", "-n", min=1, help="model replicas (Ray Serve)"),
-    port: int = typer.Option(50051, help="gateway port on 127.0.0.1 (0 = any free port)"),
-    model: Optional[str] = typer.Option(None, help="bundled model name or checkpoint directory"),
-    window: Optional[int] = typer.Option(None, help="recent KV entries per session (the token being processed included)"),
-    sinks: Optional[int] = typer.Option(None, help="attention-sink entries per session"),
-    max_sessions: Optional[int] = typer.Option(None, help="KV slots per replica"),
-    num_cpus: Optional[int] = typer.Option(None, help="CPUs the local Ray may use (default: all)"),
-    replica_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per replica"),
+    num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs the local Ray may use (default: all)"),
     redis_url: Optional[str] = typer.Option(
         None, help="use this Redis instead of starting one (default: start redis-server on a free port)"
     ),
+    *,
+    flags: GivenFlags,
 ) -> None:
     """Start the whole stack on 127.0.0.1: redis-server, local Ray, the Serve app, the gRPC gateway."""
+    settings = up_settings(flags, redis_url)
+    replicas = settings.replica.num_replicas
     # SIGTERM shuts down like Ctrl-C: everything this command started is stopped, nothing else.
     signal.signal(signal.SIGTERM, _interrupt)
     from sinkserve.gateway.main import serve_forever
     from sinkserve.replica.local import deploy, start_local_ray
     from sinkserve.router.redis_server import RedisServer
 
-    engine = {k: v for k, v in dict(model=model, window=window, sinks=sinks, max_sessions=max_sessions).items() if v}
-    replica = {"num_replicas": replicas, **({"num_cpus": replica_cpus} if replica_cpus is not None else {})}
-    base = _settings()
-    settings = _settings(
-        engine={**base.engine.model_dump(), **engine},
-        replica={**base.replica.model_dump(), **replica},
-        gateway={**base.gateway.model_dump(), "host": "127.0.0.1", "port": port},
-        ray={**base.ray.model_dump(), "address": None, "host": "127.0.0.1"},
-        redis={**base.redis.model_dump(), **({"url": redis_url} if redis_url else {})},
-    )
-    cores = os.cpu_count() or 1
-    if settings.engine.num_threads is None:
-        # Replicas share this machine's cores: split them instead of every replica using all of them.
-        settings.engine.num_threads = max(1, cores // replicas)
     if num_cpus is None:
         # Logical CPUs for Ray's scheduler: enough that every replica fits, however many were asked for.
-        num_cpus = max(cores, math.ceil(replicas * settings.replica.num_cpus))
+        num_cpus = max(os.cpu_count() or 1, math.ceil(replicas * settings.replica.num_cpus))
     redis_server = None
     ray_started = False
     try:
-        if not redis_url:
+        if redis_url is None:
             redis_server = RedisServer(host="127.0.0.1").start()
             settings.redis.url = redis_server.url
             typer.echo(f"redis-server  {redis_server.url} (pid {redis_server.process.pid})")
@@ -139,26 +151,17 @@ async def _serve(settings, serve_forever) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- gateway
+@ConfigFlags.of("gateway", ("host", "port"))
 def gateway(
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: RayConfig/auto)"),
-    host: Optional[str] = typer.Option(None, help="bind address (default: SINKSERVE_GATEWAY__HOST)"),
-    port: Optional[int] = typer.Option(None, help="port (default: SINKSERVE_GATEWAY__PORT)"),
+    *,
+    flags: GivenFlags,
 ) -> None:
     """Run only the gRPC gateway, joining an existing Ray cluster and Redis (config from SINKSERVE_* env)."""
+    # An empty RAY_ADDRESS is an unset one, as for Ray itself.
+    settings = _settings(flags, gateway=flags.section("gateway"), ray={"address": ray_address} if ray_address else {})
     from sinkserve.gateway.main import run
 
-    base = _settings()
-    settings = _settings(
-        engine=base.engine.model_dump(),
-        replica=base.replica.model_dump(),
-        router=base.router.model_dump(),
-        redis=base.redis.model_dump(),
-        limits=base.limits.model_dump(),
-        gateway={**base.gateway.model_dump(), **({"host": host} if host else {}), **({"port": port} if port is not None else {})},
-        ray={**base.ray.model_dump(), **({"address": ray_address} if ray_address else {})},
-    )
-    if settings.redis.password is None and base.redis.password is not None:
-        settings.redis.password = base.redis.password
     try:
         run(settings)
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ class EngineConfig(_Section):
         description=f"'{BUNDLED_MODEL}' (bundled) or a Hugging Face checkpoint directory "
         "(config.json + *.safetensors + tokenizer)",
     )
-    dtype: DType = "float32"
+    dtype: DType = Field("float32", description="weights and activations (int4 weights need bfloat16 or float16)")
     weights: WeightFormat = Field(
         "dense",
         description="int4: decode steps read 4-bit weights (linear layers in Q4_1 blocks, the output head in "
@@ -102,9 +102,9 @@ class AutoscalingConfig(_Section):
 class ReplicaConfig(_Section):
     """The Ray Serve deployment that hosts one engine per replica."""
 
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="model replicas (Ray Serve), each with its own engine and KV slab")
     autoscaling: AutoscalingConfig | None = None
-    num_cpus: float = Field(1, ge=0)
+    num_cpus: float = Field(1, ge=0, description="CPUs Ray reserves per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (per shard with tensor_parallel > 1)")
     tensor_parallel: int = Field(1, ge=1, description="model shards per replica (placement-group bundles)")
     max_ongoing_requests: int = Field(256, ge=1)
@@ -143,8 +143,8 @@ class LimitsConfig(_Section):
 
 
 class GatewayConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="gRPC bind address")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
     max_message_bytes: int = Field(32_768, ge=1, description="larger user messages get INVALID_ARGUMENT")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
     tls_cert_file: str | None = None
