@@ -9,6 +9,7 @@ process gets its own process group and a private SINKSERVE_CACHE_DIR, so neither
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import os
 import signal
@@ -53,7 +54,7 @@ def prepare_model(key: str, work_dir: Path) -> ModelPreset:
 
 
 def free_port() -> int:
-    from sinkserve.router.redis_server import free_port as _free_port
+    from sinkserve.store.redis_server import free_port as _free_port
 
     return _free_port("127.0.0.1")
 
@@ -100,7 +101,7 @@ class LocalStack:
     _env: dict = field(default_factory=dict)
 
     def start(self, tenant_sessions: int) -> "LocalStack":
-        from sinkserve.router.redis_server import RedisServer
+        from sinkserve.store.redis_server import RedisServer
 
         self._tmp = tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-")
         try:
@@ -218,22 +219,25 @@ class MemorySampler(threading.Thread):
         import psutil
         import redis
 
+        from sinkserve.store.keys import Keys
+
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         try:
             while not self._halt.is_set():
                 try:
-                    self._sample(client, psutil)
+                    self._sample(client, psutil, Keys(self.key_prefix))
                 except redis.RedisError:
                     pass  # the stack is stopping, or a blip: the next sample will tell
                 self._halt.wait(self.period_s)
         finally:
             client.close()
 
-    def _sample(self, client, psutil) -> None:
+    def _sample(self, client, psutil, keys) -> None:
         now = round(time.time(), 1)
         load_1m = round(os.getloadavg()[0], 2)
-        for key in client.scan_iter(match=f"{self.key_prefix}:r:*", count=100):
-            if key.endswith(b":sessions"):
+        # The report pattern also matches the replicas' owned-session sets: skip those.
+        for key in client.scan_iter(match=keys.replica_report("*"), count=100):
+            if fnmatch.fnmatchcase(key.decode(), keys.replica_owned("*")):
                 continue
             raw = client.get(key)
             if not raw:

@@ -86,7 +86,7 @@ def up(
     signal.signal(signal.SIGTERM, _interrupt)
     from sinkserve.gateway.main import serve_forever
     from sinkserve.replica.local import deploy, start_local_ray
-    from sinkserve.router.redis_server import RedisServer
+    from sinkserve.store.redis_server import RedisServer
 
     if num_cpus is None:
         # Logical CPUs for Ray's scheduler: enough that every replica fits, however many were asked for.
@@ -171,28 +171,26 @@ def gateway(
 
 
 # ---------------------------------------------------------------------------------------------- tenant
-def _tenant_store(redis_url: Optional[str]):
+def _store(redis_url: Optional[str]):
     from sinkserve.config import RedisConfig
-    from sinkserve.gateway.tenants import TenantStore
-    from sinkserve.router.registry import Registry
+    from sinkserve.store import Store
 
     base = _settings()
     cfg = RedisConfig(**{**base.redis.model_dump(), "url": _redis_url(redis_url)})
     if base.redis.password is not None:
         cfg.password = base.redis.password
-    registry = Registry.from_config(cfg)
-    return registry, TenantStore(registry.redis, cfg.key_prefix, base.limits)
+    return Store.from_config(cfg, base.limits)
 
 
 def _run_redis(coro_factory, redis_url: Optional[str]):
     from redis import exceptions as redis_exc
 
     async def main():
-        registry, store = _tenant_store(redis_url)
+        store = _store(redis_url)
         try:
-            return await coro_factory(registry, store)
+            return await coro_factory(store)
         finally:
-            await registry.close()
+            await store.close()
 
     try:
         return asyncio.run(main())
@@ -209,11 +207,11 @@ def tenant_create(
     redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: env, then what `up` saved)"),
 ) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
-    from sinkserve.gateway.tenants import TenantError
+    from sinkserve.errors import TenantError
 
-    async def create(registry, store):
+    async def create(store):
         try:
-            return await store.create(name, max_sessions, tokens_per_minute)
+            return await store.tenants.create(name, max_sessions, tokens_per_minute)
         except TenantError as err:
             _fail(str(err))
 
@@ -235,11 +233,11 @@ def tenant_add_key(
     redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: env, then what `up` saved)"),
 ) -> None:
     """Issue another API key for an existing tenant."""
-    from sinkserve.gateway.tenants import TenantError
+    from sinkserve.errors import TenantError
 
-    async def add(registry, store):
+    async def add(store):
         try:
-            return await store.add_key(name)
+            return await store.tenants.add_key(name)
         except TenantError as err:
             _fail(str(err))
 
@@ -250,8 +248,8 @@ def tenant_add_key(
 def tenant_list(redis_url: Optional[str] = typer.Option(None, help="Redis URL")) -> None:
     """List tenants with their quotas and live sessions."""
 
-    async def rows(registry, store):
-        return [(t, await registry.count_sessions(t.name)) for t in await store.list()]
+    async def rows(store):
+        return [(t, await store.sessions.count_sessions(t.name)) for t in await store.tenants.list()]
 
     result = _run_redis(rows, redis_url)
     if not result:
@@ -270,19 +268,19 @@ def tenant_delete(
 ) -> None:
     """Delete a tenant, its keys and its sessions' records (replicas drop their caches at the next lease check)."""
 
-    async def delete(registry, store):
-        if await store.get(name) is None:
+    async def delete(store):
+        if await store.tenants.get(name) is None:
             _fail(f"no tenant {name!r}")
-        live = await registry.count_sessions(name)
+        live = await store.sessions.count_sessions(name)
         if live and not yes:
             _fail(f"tenant {name!r} has {live} live sessions; pass --yes to delete them too")
         while True:
-            ids, _ = await registry.list_sessions(name, 500)
+            ids, _ = await store.sessions.list_sessions(name, 500)
             if not ids:
                 break
             for sid in ids:
-                await registry.delete_session(sid, name)
-        await store.delete(name)
+                await store.sessions.delete_session(sid, name)
+        await store.tenants.delete(name)
         return live
 
     live = _run_redis(delete, redis_url)

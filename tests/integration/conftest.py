@@ -19,7 +19,8 @@ import grpc
 import pytest
 
 from sinkserve.config import Settings
-from sinkserve.router.redis_server import RedisServer, free_port
+from sinkserve.store import Store
+from sinkserve.store.redis_server import RedisServer, free_port
 
 SINKS, WINDOW = 4, 28
 REPLICAS = 2
@@ -52,11 +53,13 @@ class Stack:
 
     def tenant(self, name: str, **quotas: Any) -> str:
         """Create a tenant; returns its API key."""
-        _, key = self.loop.run(self.gateway.tenants.create(name, **quotas))
+        _, key = self.loop.run(self.store.tenants.create(name, **quotas))
         return key
 
-    def registry_call(self, method: str, *args: Any) -> Any:
-        return self.loop.run(getattr(self.gateway.registry, method)(*args))
+    @property
+    def store(self) -> Store:
+        """The gateway's store (run its coroutines with ``loop.run``)."""
+        return self.gateway.store
 
 
 @pytest.fixture(scope="session")

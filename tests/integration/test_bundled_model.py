@@ -27,7 +27,7 @@ def bundled_address(stack):
     deploy(settings)
     gateway = Gateway(settings, ServeBackend.connect(settings.ray.app_name))
     port = stack.loop.run(gateway.start())
-    _, key = stack.loop.run(gateway.tenants.create("bundled"))
+    _, key = stack.loop.run(gateway.store.tenants.create("bundled"))
     try:
         yield f"127.0.0.1:{port}", key
     finally:

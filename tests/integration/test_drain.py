@@ -23,7 +23,7 @@ def test_scale_down_re_homes_sessions_with_their_transcripts(stack, tiny_checkpo
     gateway = Gateway(settings, ServeBackend.connect(settings.ray.app_name))
     port = stack.loop.run(gateway.start())
     try:
-        _, key = stack.loop.run(gateway.tenants.create("drain"))
+        _, key = stack.loop.run(gateway.store.tenants.create("drain"))
         client = client_factory(key, f"127.0.0.1:{port}")
         sessions = [client.create_session().session_id for _ in range(4)]
         owners = {}
@@ -32,7 +32,7 @@ def test_scale_down_re_homes_sessions_with_their_transcripts(stack, tiny_checkpo
                 _, final = client.chat(sid, f"turn {i}", max_tokens=6)
             owners[sid] = final.replica
         assert len(set(owners.values())) == 2
-        transcripts = {sid: stack.loop.run(gateway.registry.transcript(sid)) for sid in sessions}
+        transcripts = {sid: stack.loop.run(gateway.store.sessions.transcript(sid)) for sid in sessions}
 
         settings.replica.num_replicas = 1
         deploy(settings)  # Serve stops one replica gracefully: its __del__ releases the sessions it owned
@@ -42,7 +42,7 @@ def test_scale_down_re_homes_sessions_with_their_transcripts(stack, tiny_checkpo
             text, final = client.chat(sid, "still there?", max_tokens=6)
             assert text and final.turn == 4
             survivors.add(final.replica)
-            after = stack.loop.run(gateway.registry.transcript(sid))
+            after = stack.loop.run(gateway.store.sessions.transcript(sid))
             assert after[:3] == transcripts[sid] and len(after) == 4
             info = client.get_session(sid)
             assert info.owner_replica == final.replica

@@ -46,7 +46,7 @@ def test_gateway_client_and_cli_do_not_import_torch():
     code = (
         "import sys\n"
         "import sinkserve.gateway.server, sinkserve.gateway.main, sinkserve.gateway.backend\n"
-        "import sinkserve.router.request_router, sinkserve.client, sinkserve.cli_serving, sinkserve.cli\n"
+        "import sinkserve.routing.request_router, sinkserve.client, sinkserve.cli_serving, sinkserve.cli\n"
         "import sinkserve.replica.errors\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "print(','.join(heavy))\n"

@@ -1,4 +1,4 @@
-"""Session registry fencing, bounded-load placement, the replica's loop and health (real Redis, tiny model, no Ray)."""
+"""The replica's loop, slots, fencing, drain and health (real Redis, tiny model, no Ray), and its serve config."""
 
 from __future__ import annotations
 
@@ -8,88 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sinkserve.config import RedisConfig, Settings
+from sinkserve.config import Settings
 from sinkserve.replica.errors import NOT_OWNER, ReplicaError
-from sinkserve.router.registry import Fenced, LoadReport, Registry, SessionGone, TenantSessionLimit
-from sinkserve.router.request_router import pick_replica
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def registry(redis_server, request):
-    reg = Registry.from_config(RedisConfig(url=redis_server.url, key_prefix=f"unit-{request.node.name}"))
-    yield reg
-    await reg.close()
-
-
-async def test_claims_fence_the_previous_owner(registry):
-    record = await registry.create_session("acme", max_sessions=10)
-    sid = record.session_id
-    assert await registry.claim(sid, 0, "replica-a", 10_000) == (1, "replica-a")
-    assert await registry.claim(sid, 0, "replica-b", 10_000) == (1, "replica-a")  # stale epoch loses
-    assert await registry.append_transcript(sid, "replica-a", 1, [1, 2, 3], count_turn=True) == 1
-    assert await registry.claim(sid, 1, "replica-b", 10_000) == (2, "replica-b")
-    with pytest.raises(Fenced):
-        await registry.append_transcript(sid, "replica-a", 1, [4], count_turn=True)
-    assert await registry.renew("replica-a", {sid: 1}, 10_000) == {sid: 0}
-    assert await registry.renew("replica-b", {sid: 2}, 10_000) == {sid: 1}
-    assert await registry.owned_by("replica-a") == set()
-    assert await registry.owned_by("replica-b") == {sid}
-    assert await registry.transcript(sid) == [[1, 2, 3]]
-    assert (await registry.get_session(sid)).turns == 1
-
-
-async def test_transcript_ends_read_only_what_a_rebuild_needs(registry):
-    sid = (await registry.create_session("acme", max_sessions=10)).session_id
-    await registry.claim(sid, 0, "replica-a", 10_000)
-    entries = [list(range(i * 10, i * 10 + 10)) for i in range(50)]  # 500 tokens, 10 per entry
-    for entry in entries:
-        await registry.append_transcript(sid, "replica-a", 1, entry, count_turn=True)
-    flat = [t for e in entries for t in e]
-    ids, total = await registry.transcript_ends(sid, 4, 25)
-    assert total == 500
-    assert ids == flat[:10] + flat[-30:]  # whole entries: one from the front, three from the back
-    ids, total = await registry.transcript_ends(sid, 0, 10)  # no sinks (window policy)
-    assert (ids, total) == (flat[-10:], 500)
-    ids, total = await registry.transcript_ends(sid, 250, 300)  # the ends meet: the whole log, once
-    assert (ids, total) == (flat, 500)
-
-
-async def test_release_and_delete(registry):
-    sid = (await registry.create_session("acme", max_sessions=10)).session_id
-    await registry.claim(sid, 0, "replica-a", 10_000)
-    await registry.release("replica-a", {sid: 1})
-    record = await registry.get_session(sid)
-    assert record.owner == "" and record.epoch == 1 and not await registry.lease_alive(sid)
-    await registry.claim(sid, 1, "replica-b", 10_000)
-    assert await registry.delete_session(sid, "acme")
-    with pytest.raises(SessionGone):
-        await registry.get_session(sid)
-    with pytest.raises(SessionGone):
-        await registry.append_transcript(sid, "replica-b", 2, [1], count_turn=True)
-    assert await registry.claim(sid, 2, "replica-b", 10_000) == (-1, "")
-    assert await registry.owned_by("replica-b") == set()
-    assert await registry.count_sessions("acme") == 0
-
-
-async def test_tenant_session_limit_is_atomic(registry):
-    results = await asyncio.gather(
-        *(registry.create_session("busy", max_sessions=3) for _ in range(10)), return_exceptions=True
-    )
-    assert sum(not isinstance(r, Exception) for r in results) == 3
-    assert all(isinstance(r, TenantSessionLimit) for r in results if isinstance(r, Exception))
-
-
-def test_bounded_load_placement():
-    loads = {"a": (10, None), "b": (2, None), "c": (2, LoadReport("c", draining=True))}
-    assert pick_replica("s1", loads, 1.25) == "b"  # least loaded; draining never chosen
-    even = {"a": (5, None), "b": (5, None)}
-    picks = {pick_replica(f"s{i}", even, 1.25) for i in range(50)}
-    assert picks == {"a", "b"}  # ties spread by the session's rendezvous hash
-    assert pick_replica("s", {"a": (0, LoadReport("a", draining=True))}, 1.25) is None
 
 
 def test_serve_config_is_valid_and_builds():
@@ -147,9 +71,9 @@ async def _drain(replica, sid: str, text: str, max_tokens: int = 4) -> list[dict
 async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny_engine):
     # No host memory for parking: an idle session that loses its slot is dropped and rebuilt from its log.
     replica = await _replica(redis_server, tiny_engine, "replica-unit", park_host_bytes=0)
-    registry = replica.registry
+    store = replica.store
     try:
-        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        sids = [(await store.sessions.create_session("t", max_sessions=10)).session_id for _ in range(3)]
         for sid in sids:  # three sessions through two slots: the idle LRU one is dropped, then rebuilt
             await replica.create(session_id=sid)
             events = await _drain(replica, sid, "hello")
@@ -158,7 +82,7 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
         events = await _drain(replica, sids[0], "again")
         assert events[-1]["final"]["turn"] == 2 and replica.rebuilt >= 1
         # Two turns at once on sessions that are not resident: each takes an idle session's slot, none fails.
-        fourth = (await registry.create_session("t", max_sessions=10)).session_id
+        fourth = (await store.sessions.create_session("t", max_sessions=10)).session_id
         await replica.create(session_id=fourth)
         await _drain(replica, fourth, "hi")
         assert set(replica.resident) == {sids[0], fourth}
@@ -167,15 +91,15 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
         assert set(replica.resident) == {sids[1], sids[2]}
 
         # Another replica claims sids[1]: this one may no longer record turns for it.
-        record = await registry.get_session(sids[1])
-        await registry.claim(sids[1], record.epoch, "someone-else", 10_000)
+        record = await store.sessions.get_session(sids[1])
+        await store.ownership.claim(sids[1], record.epoch, "someone-else", 10_000)
         with pytest.raises(ReplicaError) as err:
             await _drain(replica, sids[1], "mine?")
         assert err.value.status == NOT_OWNER
-        assert await registry.transcript_len(sids[1]) == 2
+        assert await store.sessions.transcript_len(sids[1]) == 2
 
         await replica.check_health()
-        report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+        report = (await store.replicas.loads([replica.replica_id]))[replica.replica_id][1]
         assert report is not None and report.max_sessions == 2
 
         def explode():
@@ -196,12 +120,12 @@ async def test_replica_slots_rebuild_fencing_drain_and_health(redis_server, tiny
 
         await SinkServeReplica.__del__(replica)
         for sid in owned:
-            assert (await registry.get_session(sid)).owner == ""
-        assert (await registry.loads([replica.replica_id]))[replica.replica_id] == (0, None)
+            assert (await store.sessions.get_session(sid)).owner == ""
+        assert (await store.replicas.loads([replica.replica_id]))[replica.replica_id] == (0, None)
     finally:
         replica._beat_task.cancel()
         replica.loop.stop()
-        await registry.close()
+        await store.close()
 
 
 async def _stop_sharing(replica, engine) -> None:
@@ -210,7 +134,7 @@ async def _stop_sharing(replica, engine) -> None:
     replica.loop.stop()
     for sid in engine.sessions():
         engine.close_session(sid)
-    await replica.registry.close()
+    await replica.store.close()
 
 
 async def _greedy_turn(replica, sid: str, text: str) -> list[dict]:
@@ -227,9 +151,9 @@ async def test_parked_sessions_resume_exactly_and_are_reported(redis_server, tin
     for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
         tiny_engine.close_session(leftover)
     replica = await _replica(redis_server, tiny_engine, "replica-park")
-    registry = replica.registry
+    store = replica.store
     try:
-        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(5)]
+        sids = [(await store.sessions.create_session("t", max_sessions=10)).session_id for _ in range(5)]
         for sid in sids:
             await replica.create(session_id=sid)
         first = {sid: await _greedy_turn(replica, sid, f"hello from {sid}") for sid in sids}
@@ -250,9 +174,9 @@ async def test_parked_sessions_resume_exactly_and_are_reported(redis_server, tin
                 got = "".join(e.get("delta", "") for e in events) + events[-1]["final"]["text"]
                 assert got == expected
 
-        report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+        report = (await store.replicas.loads([replica.replica_id]))[replica.replica_id][1]
         for _ in range(20):
-            report = (await registry.loads([replica.replica_id]))[replica.replica_id][1]
+            report = (await store.replicas.loads([replica.replica_id]))[replica.replica_id][1]
             if report.extra["parks"] == replica.parks:
                 break
             await asyncio.sleep(0.2)
@@ -270,9 +194,9 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
     for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
         tiny_engine.close_session(leftover)
     replica = await _replica(redis_server, tiny_engine, "replica-admit", admission_timeout_s=0.5)
-    registry = replica.registry
+    store = replica.store
     try:
-        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        sids = [(await store.sessions.create_session("t", max_sessions=10)).session_id for _ in range(3)]
         for sid in sids[:2]:
             await replica.create(session_id=sid)
 
@@ -288,7 +212,7 @@ async def test_full_slots_queue_then_refuse_with_retry_hint(redis_server, tiny_e
         with pytest.raises(ReplicaError) as refused:
             await _drain(replica, sids[2], "me too")
         assert refused.value.status == RESOURCE_EXHAUSTED and refused.value.retry_after_s
-        assert await registry.transcript_len(sids[2]) == 0
+        assert await store.sessions.transcript_len(sids[2]) == 0
         # With a longer wait the third turn is admitted as soon as a slot frees up.
         replica.settings.replica.admission_timeout_s = 120
         waiting = asyncio.create_task(_drain(replica, sids[2], "me too"))
@@ -312,10 +236,10 @@ async def test_a_turn_on_the_session_being_parked_waits_and_resumes(redis_server
     for leftover in tiny_engine.sessions():  # the module's engine is shared with the tests before
         tiny_engine.close_session(leftover)
     replica = await _replica(redis_server, tiny_engine, "replica-race")
-    registry = replica.registry
+    store = replica.store
     gate = threading.Event()
     try:
-        sids = [(await registry.create_session("t", max_sessions=10)).session_id for _ in range(3)]
+        sids = [(await store.sessions.create_session("t", max_sessions=10)).session_id for _ in range(3)]
         for sid in sids:
             await replica.create(session_id=sid)
             await _greedy_turn(replica, sid, f"hello from {sid}")

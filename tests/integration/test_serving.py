@@ -18,7 +18,7 @@ CAPACITY = SINKS + WINDOW
 
 
 def transcript_entries(stack, session_id: str) -> int:
-    return stack.registry_call("transcript_len", session_id)
+    return stack.loop.run(stack.store.sessions.transcript_len(session_id))
 
 
 def test_long_conversation_stays_on_one_replica_at_constant_cache(stack, client_factory):
@@ -42,7 +42,7 @@ def test_long_conversation_stays_on_one_replica_at_constant_cache(stack, client_
     assert replicas == {session.owner_replica} == {info.owner_replica}
     assert info.turns == turns
     assert info.cache_entries == CAPACITY
-    transcript = stack.registry_call("transcript", session.session_id)
+    transcript = stack.loop.run(stack.store.sessions.transcript(session.session_id))
     assert len(transcript) == turns
     assert info.tokens_seen == sum(len(entry) for entry in transcript) > 10 * CAPACITY
 
@@ -56,7 +56,7 @@ def test_sessions_spread_over_replicas_and_stick_even_through_a_second_gateway(s
     counts = sorted(list(owners.values()).count(r) for r in set(owners.values()))
     assert counts[0] >= 9, f"placement is not least-loaded: {counts}"
     # Placed one at a time, each to the replica owning fewest sessions: the replicas end at most one apart.
-    owned = [n for n, _ in stack.registry_call("loads", sorted(set(owners.values()))).values()]
+    owned = [n for n, _ in stack.loop.run(stack.store.replicas.loads(sorted(set(owners.values())))).values()]
     assert max(owned) - min(owned) <= 1, owned
     for s in sessions:
         _, final = client.chat(s.session_id, "hello", max_tokens=4)
@@ -105,7 +105,7 @@ def test_owner_killed_next_turn_succeeds_elsewhere_with_transcript_intact(stack,
     for i in range(3):
         client.chat(session.session_id, f"fact {i}: the sky is blue", max_tokens=8)
     before = client.get_session(session.session_id)
-    transcript_before = stack.registry_call("transcript", session.session_id)
+    transcript_before = stack.loop.run(stack.store.sessions.transcript(session.session_id))
     assert len(transcript_before) == 3
 
     ray.kill(_replica_actor(before.owner_replica), no_restart=True)
@@ -117,7 +117,7 @@ def test_owner_killed_next_turn_succeeds_elsewhere_with_transcript_intact(stack,
         after = client.get_session(session.session_id)
         assert after.owner_replica == final.replica
         assert after.turns == 4
-        transcript_after = stack.registry_call("transcript", session.session_id)
+        transcript_after = stack.loop.run(stack.store.sessions.transcript(session.session_id))
         assert transcript_after[:3] == transcript_before  # nothing lost or rewritten
         assert len(transcript_after) == 4
         # Rebuilt from the transcript: the new owner's cache holds what the old one did (sinks + window).
@@ -262,9 +262,9 @@ def test_second_concurrent_message_is_aborted_and_client_cancel_stops_generation
     seen = info.tokens_seen
     time.sleep(0.5)
     assert client.get_session(sid).tokens_seen == seen, "generation went on after the client hung up"
-    recorded = sum(len(e) for e in stack.registry_call("transcript", sid))
+    recorded = sum(len(e) for e in stack.loop.run(stack.store.sessions.transcript(sid)))
     assert recorded < 100_000  # aborted early: far from the tokens asked for
-    assert stack.loop.run(stack.gateway.tenants.tokens_used("concurrent")) > 0  # the partial turn is charged
+    assert stack.loop.run(stack.store.tenants.tokens_used("concurrent")) > 0  # the partial turn is charged
     _, final = client.chat(sid, "short one", max_tokens=4)
     assert final.turn == 2
 
@@ -332,7 +332,7 @@ def test_health_and_reflection(stack):
 def test_redis_or_ray_down_is_unavailable_and_leaves_nothing_behind(stack, client_factory, tiny_checkpoint):
     from sinkserve.gateway.backend import ServeBackend
     from sinkserve.gateway.server import Gateway
-    from sinkserve.router.redis_server import free_port
+    from sinkserve.store.redis_server import free_port
 
     from .conftest import stack_settings
 
@@ -368,7 +368,7 @@ def test_deleting_a_session_mid_turn_ends_its_stream(stack, client_factory):
         for _ in stream:
             pass
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert stack.registry_call("transcript_len", sid) == 0
+    assert stack.loop.run(stack.store.sessions.transcript_len(sid)) == 0
     assert client.list_sessions().sessions == []
 
 

@@ -1,7 +1,7 @@
 """The gRPC gateway (grpc.aio): authentication, tenancy, quotas, and streaming turns from the replicas.
 
 It never imports torch: it needs Redis (tenants, sessions, quotas) and a Ray Serve DeploymentHandle
-(which runs ``sinkserve.router``'s request router in this process).
+(which runs ``sinkserve.routing``'s request router in this process).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from redis import exceptions as redis_exc
 
 from sinkserve.config import GatewayConfig, Settings
-from sinkserve.gateway.tenants import Tenant, TenantStore
+from sinkserve.errors import SessionNotFound, TenantSessionLimit
 from sinkserve.replica.errors import ReplicaError
-from sinkserve.router.registry import Registry, SessionGone, SessionRecord, TenantSessionLimit, connect
+from sinkserve.store import SessionRecord, Store, Tenant
 from sinkserve.v1 import sinkserve_pb2 as pb
 from sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc
 
@@ -103,11 +103,10 @@ def _decode_cursor(token: str) -> str:
 
 
 class SinkServeGateway(pb_grpc.SinkServeServicer):
-    def __init__(self, settings: Settings, registry: Registry, tenants: TenantStore, backend: Any):
+    def __init__(self, settings: Settings, store: Store, backend: Any):
         self.settings = settings
         self.cfg = settings.gateway
-        self.registry = registry
-        self.tenants = tenants
+        self.store = store
         self.backend = backend
 
     # ------------------------------------------------------------------ common
@@ -116,7 +115,7 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
         scheme, _, api_key = header.partition(" ")
         if scheme.lower() != "bearer" or not api_key.strip():
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <api key>' metadata")
-        tenant = await self.tenants.authenticate(api_key.strip())
+        tenant = await self.store.tenants.authenticate(api_key.strip())
         if tenant is None:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
         return tenant
@@ -127,8 +126,8 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
         if len(session_id) > 128:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is too long")
         try:
-            record = await self.registry.get_session(session_id)
-        except SessionGone:
+            record = await self.store.sessions.get_session(session_id)
+        except SessionNotFound:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found") from None
         if record.tenant != tenant.name:
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED, f"session {session_id} belongs to another tenant")
@@ -185,7 +184,7 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
             if len(request.labels) > 32 or any(len(k) + len(v) > 256 for k, v in request.labels.items()):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "at most 32 labels of 256 bytes each")
             try:
-                record = await self.registry.create_session(
+                record = await self.store.sessions.create_session(
                     tenant.name,
                     max_sessions=tenant.max_sessions,
                     system_prompt=request.system_prompt,
@@ -198,9 +197,9 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
                 info = await self.backend.create(session_id=record.session_id)
             except BaseException:
                 # No replica took it: the session must not exist half-made.
-                await asyncio.shield(self.registry.delete_session(record.session_id, tenant.name))
+                await asyncio.shield(self.store.sessions.delete_session(record.session_id, tenant.name))
                 raise
-            record = await self.registry.get_session(record.session_id)
+            record = await self.store.sessions.get_session(record.session_id)
             return pb.CreateSessionResponse(session=self._session_message(record, info, busy=False))
         except asyncio.CancelledError:
             raise
@@ -219,17 +218,17 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
             params = {**record.defaults, **settings_to_dict(request.settings)}
             validate_settings(params, self.cfg)
             params.setdefault("max_tokens", min(256, self.cfg.max_new_tokens))
-            used = await self.tenants.tokens_used(tenant.name)
+            used = await self.store.tenants.tokens_used(tenant.name)
             if used >= tenant.tokens_per_minute:
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"tenant {tenant.name!r} used {used} of its {tenant.tokens_per_minute} tokens this minute; "
-                    f"retry in {self.tenants.seconds_to_next_window():.0f}s",
+                    f"retry in {self.store.tenants.seconds_to_next_window():.0f}s",
                 )
             remaining = context.time_remaining()
             turn_s = min(remaining, MAX_TURN_S) if remaining is not None else MAX_TURN_S
             deadline_unix = time.time() + turn_s
-            if not await self.registry.try_lock_turn(record.session_id, turn_id, int((turn_s + 5) * 1000)):
+            if not await self.store.sessions.try_lock_turn(record.session_id, turn_id, int((turn_s + 5) * 1000)):
                 raise RequestError(
                     grpc.StatusCode.ABORTED, f"session {record.session_id} is still replying to a previous message"
                 )
@@ -266,7 +265,7 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
 
     async def _unlock(self, session_id: str, turn_id: str) -> None:
         try:
-            await self.registry.unlock_turn(session_id, turn_id)
+            await self.store.sessions.unlock_turn(session_id, turn_id)
         except Exception:  # noqa: BLE001 - the lock has a TTL
             logger.warning("could not release the turn lock of %s", session_id, exc_info=True)
 
@@ -274,7 +273,7 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
         try:
             tenant = await self._tenant(context)
             record = await self._own_session(tenant, request.session_id)
-            busy = await self.registry.is_busy(record.session_id)
+            busy = await self.store.sessions.is_busy(record.session_id)
             info = None
             if record.owner:
                 try:
@@ -294,8 +293,8 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
             if page_size > MAX_PAGE_SIZE:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"page_size is at most {MAX_PAGE_SIZE}")
             after = _decode_cursor(request.page_token)
-            ids, next_member = await self.registry.list_sessions(tenant.name, page_size, after)
-            records = await self.registry.get_sessions(ids)
+            ids, next_member = await self.store.sessions.list_sessions(tenant.name, page_size, after)
+            records = await self.store.sessions.get_sessions(ids)
             sessions = [self._session_message(r, None, False) for r in records if r is not None]
             return pb.ListSessionsResponse(sessions=sessions, next_page_token=_encode_cursor(next_member))
         except asyncio.CancelledError:
@@ -312,7 +311,7 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
                     await self.backend.delete(session_id=record.session_id)
                 except ReplicaError as err:
                     logger.info("delete(%s) on the replica failed: %s", record.session_id, err)
-            await self.registry.delete_session(record.session_id, tenant.name)
+            await self.store.sessions.delete_session(record.session_id, tenant.name)
             return pb.DeleteSessionResponse()
         except asyncio.CancelledError:
             raise
@@ -323,9 +322,9 @@ class SinkServeGateway(pb_grpc.SinkServeServicer):
 class GatewayHealth:
     """grpc.health.v1: SERVING while Redis answers; checked every few seconds."""
 
-    def __init__(self, registry: Registry, period_s: float = 2.0):
+    def __init__(self, store: Store, period_s: float = 2.0):
         self.servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.registry = registry
+        self.store = store
         self.period_s = period_s
         self._task: asyncio.Task | None = None
 
@@ -338,7 +337,7 @@ class GatewayHealth:
     async def _watch(self) -> None:
         while True:
             try:
-                await self.registry.redis.ping()
+                await self.store.ping()
                 await self._set(health_pb2.HealthCheckResponse.SERVING)
             except asyncio.CancelledError:
                 raise
@@ -360,8 +359,7 @@ class Gateway:
     def __init__(self, settings: Settings, backend: Any):
         self.settings = settings
         self.backend = backend
-        self.registry = Registry(connect(settings.redis), settings.redis.key_prefix)
-        self.tenants = TenantStore(self.registry.redis, settings.redis.key_prefix, settings.limits)
+        self.store = Store.from_config(settings.redis, settings.limits)
         self.server: grpc.aio.Server | None = None
         self.health: GatewayHealth | None = None
         self.port: int | None = None
@@ -374,9 +372,9 @@ class Gateway:
             options=[("grpc.max_receive_message_length", max_bytes), ("grpc.so_reuseport", 0)]
         )
         pb_grpc.add_SinkServeServicer_to_server(
-            SinkServeGateway(self.settings, self.registry, self.tenants, self.backend), self.server
+            SinkServeGateway(self.settings, self.store, self.backend), self.server
         )
-        self.health = GatewayHealth(self.registry)
+        self.health = GatewayHealth(self.store)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -401,7 +399,7 @@ class Gateway:
             self.health.stop()
         if self.server:
             await self.server.stop(grace_s)
-        await self.registry.close()
+        await self.store.close()
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from sinkserve.config import Settings
 from sinkserve.replica import DEPLOYMENT_NAME
 from sinkserve.replica.server import SinkServeReplica
-from sinkserve.router.request_router import ROUTER_CLASS, router_kwargs
+from sinkserve.routing.request_router import ROUTER_CLASS, router_kwargs
 
 
 

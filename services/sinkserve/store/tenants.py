@@ -1,13 +1,8 @@
-"""Tenants, their API keys (stored only as SHA-256 digests) and their quotas, in Redis.
-
-    p:tenants              set    tenant names
-    p:t:{name}             hash   name, max_sessions, tokens_per_minute, created_ms
-    p:t:{name}:keys        set    digests of the tenant's keys
-    p:key:{digest}         str    tenant name
-    p:t:{name}:tpm:{min}   int    tokens used in that minute (charged by the replica with the transcript)
+"""Tenants, their API keys (stored only as SHA-256 digests) and their quotas.
 
 Keys are 256-bit random tokens, so a plain SHA-256 digest is enough: there is nothing to brute-force,
-and lookups stay O(1) on every request.
+and lookups stay O(1) on every request. Tokens per minute are counted in fixed one-minute windows; the
+replica charges them when it records a turn (``Sessions.append_transcript``), this module only reads them.
 """
 
 from __future__ import annotations
@@ -21,7 +16,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from sinkserve.config import LimitsConfig
-from sinkserve.router.registry import tpm_key
+from sinkserve.errors import TenantError
+from sinkserve.store.client import now_ms
+from sinkserve.store.keys import Keys
 
 KEY_PREFIX = "sk-ss-"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -29,10 +26,6 @@ TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 def digest(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
-
-
-class TenantError(ValueError):
-    pass
 
 
 @dataclass
@@ -43,17 +36,11 @@ class Tenant:
     created_ms: int = 0
 
 
-class TenantStore:
-    def __init__(self, client: aioredis.Redis, prefix: str = "sinkserve", limits: LimitsConfig | None = None):
+class Tenants:
+    def __init__(self, client: aioredis.Redis, keys: Keys, limits: LimitsConfig | None = None):
         self.redis = client
-        self.prefix = prefix
+        self.keys = keys
         self.limits = limits or LimitsConfig()
-
-    def _tenant(self, name: str) -> str:
-        return f"{self.prefix}:t:{name}"
-
-    def _key(self, key_digest: str) -> str:
-        return f"{self.prefix}:key:{key_digest}"
 
     async def create(
         self, name: str, max_sessions: int | None = None, tokens_per_minute: int | None = None
@@ -67,15 +54,15 @@ class TenantStore:
             name=name,
             max_sessions=max_sessions if max_sessions is not None else self.limits.max_sessions,
             tokens_per_minute=tokens_per_minute if tokens_per_minute is not None else self.limits.tokens_per_minute,
-            created_ms=int(time.time() * 1000),
+            created_ms=now_ms(),
         )
         if tenant.max_sessions < 1 or tenant.tokens_per_minute < 1:
             raise TenantError("max_sessions and tokens_per_minute must be >= 1")
-        added = await self.redis.sadd(f"{self.prefix}:tenants", name)
+        added = await self.redis.sadd(self.keys.tenants(), name)
         if not added:
             raise TenantError(f"tenant {name!r} already exists")
         await self.redis.hset(
-            self._tenant(name),
+            self.keys.tenant(name),
             mapping={
                 "name": name,
                 "max_sessions": tenant.max_sessions,
@@ -86,18 +73,19 @@ class TenantStore:
         return tenant, await self.add_key(name)
 
     async def add_key(self, name: str) -> str:
-        if not await self.redis.sismember(f"{self.prefix}:tenants", name):
+        """Issue another API key for the tenant; returns it (only its digest is stored)."""
+        if not await self.redis.sismember(self.keys.tenants(), name):
             raise TenantError(f"no tenant {name!r}")
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_digest = digest(api_key)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._key(key_digest), name)
-        pipe.sadd(f"{self._tenant(name)}:keys", key_digest)
+        pipe.set(self.keys.api_key(key_digest), name)
+        pipe.sadd(self.keys.tenant_keys(name), key_digest)
         await pipe.execute()
         return api_key
 
     async def get(self, name: str) -> Tenant | None:
-        raw = await self.redis.hgetall(self._tenant(name))
+        raw = await self.redis.hgetall(self.keys.tenant(name))
         if not raw:
             return None
         return Tenant(
@@ -108,29 +96,31 @@ class TenantStore:
         )
 
     async def list(self) -> list[Tenant]:
-        names = sorted(n.decode() for n in await self.redis.smembers(f"{self.prefix}:tenants"))
+        names = sorted(n.decode() for n in await self.redis.smembers(self.keys.tenants()))
         return [t for t in [await self.get(n) for n in names] if t is not None]
 
     async def delete(self, name: str) -> bool:
         """Delete a tenant and revoke its keys. Its sessions must be deleted first (the caller does that)."""
-        digests = await self.redis.smembers(f"{self._tenant(name)}:keys")
+        digests = await self.redis.smembers(self.keys.tenant_keys(name))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.srem(f"{self.prefix}:tenants", name)
+        pipe.srem(self.keys.tenants(), name)
         for key_digest in digests:
-            pipe.delete(self._key(key_digest.decode()))
-        pipe.delete(self._tenant(name), f"{self._tenant(name)}:keys")
+            pipe.delete(self.keys.api_key(key_digest.decode()))
+        pipe.delete(self.keys.tenant(name), self.keys.tenant_keys(name))
         results = await pipe.execute()
         return bool(results[0])
 
     async def authenticate(self, api_key: str) -> Tenant | None:
-        name = await self.redis.get(self._key(digest(api_key)))
+        """The key's tenant, or None for an unknown or revoked key."""
+        name = await self.redis.get(self.keys.api_key(digest(api_key)))
         if name is None:
             return None
         return await self.get(name.decode())
 
-    # ---- tokens per minute (fixed one-minute windows; replicas charge them when they record a turn)
+    # ---- tokens per minute
     async def tokens_used(self, name: str) -> int:
-        value = await self.redis.get(tpm_key(self.prefix, name, time.time()))
+        """Tokens charged to the tenant in the current minute."""
+        value = await self.redis.get(self.keys.tokens_per_minute(name, time.time()))
         return int(value or 0)
 
     @staticmethod

@@ -1,13 +1,12 @@
 """Ray Serve request router that keeps every session on the replica holding its cache.
 
 Serve runs one instance of this class inside each process that holds a DeploymentHandle to the replica
-deployment (every gateway). All of them read the same registry in Redis, so they agree on owners:
+deployment (every gateway). All of them read the same store in Redis, so they agree on owners:
 
 - the session has an owner that Serve lists as running and that is not draining -> that replica only;
 - otherwise (a new session, or its owner died / is draining / released it) the session is re-homed: the
-  least-loaded replica under the bounded-load cap (``RouterConfig.load_factor`` x the mean number of
-  owned sessions) is chosen and claimed in the registry, which bumps the session's epoch so that the
-  old owner, should it still be alive, is fenced out. The new owner rebuilds the cache from the
+  replica ``placement.pick_replica`` chooses is claimed in the store, which bumps the session's epoch so
+  that the old owner, should it still be alive, is fenced out. The new owner rebuilds the cache from the
   transcript on the first turn.
 
 Only ``create`` and ``chat`` calls move sessions; ``info`` and ``delete`` of a session without a live owner
@@ -17,45 +16,21 @@ go to any replica (which answers "not resident").
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from sinkserve.config import RedisConfig
-from sinkserve.router.registry import LoadReport, Registry, SessionGone
+from sinkserve.errors import SessionNotFound
+from sinkserve.routing.placement import keeps_owner, pick_replica
+from sinkserve.store import Store
 
-logger = logging.getLogger("sinkserve.router")
+logger = logging.getLogger("sinkserve.routing")
 
-ROUTER_CLASS = "sinkserve.router.request_router:SessionAffinityRouter"
+ROUTER_CLASS = "sinkserve.routing.request_router:SessionAffinityRouter"
 # Calls that may give a session a new owner.
 PLACING_METHODS = frozenset({"create", "chat"})
-
-
-def pick_replica(
-    session_id: str, loads: dict[str, tuple[int, LoadReport | None]], load_factor: float
-) -> str | None:
-    """Least-loaded replica (by sessions owned) among those under the bounded-load cap.
-
-    Draining replicas are never chosen. Ties go to the rendezvous-hash order of the session, so two routers
-    that see the same loads make the same choice.
-    """
-    eligible = {rid: owned for rid, (owned, report) in loads.items() if not (report and report.draining)}
-    if not eligible:
-        return None
-    cap = math.ceil(load_factor * (sum(eligible.values()) + 1) / len(eligible))
-
-    def queue(rid: str) -> int:
-        report = loads[rid][1]
-        return report.queue if report else 0
-
-    def rendezvous(rid: str) -> str:
-        return hashlib.sha1(f"{session_id}/{rid}".encode()).hexdigest()
-
-    under_cap = [rid for rid, owned in eligible.items() if owned + 1 <= cap] or list(eligible)
-    return min(under_cap, key=lambda rid: (eligible[rid], queue(rid), rendezvous(rid)))
 
 
 class SessionAffinityRouter(RequestRouter):
@@ -74,15 +49,15 @@ class SessionAffinityRouter(RequestRouter):
         )
         self._load_factor = load_factor
         self._lease_ms = int(lease_ttl_s * 1000)
-        self._registry_obj: Registry | None = None
+        self._store_obj: Store | None = None
         self._placement_lock: asyncio.Lock | None = None
 
-    def _registry(self) -> Registry:
+    def _store(self) -> Store:
         # Created lazily: it must bind to the loop Serve runs the router on.
-        if self._registry_obj is None:
-            self._registry_obj = Registry.from_config(self._redis_config)
+        if self._store_obj is None:
+            self._store_obj = Store.from_config(self._redis_config)
             self._placement_lock = asyncio.Lock()
-        return self._registry_obj
+        return self._store_obj
 
     async def choose_replicas(
         self,
@@ -101,27 +76,27 @@ class SessionAffinityRouter(RequestRouter):
             return [candidate_replicas]
 
     async def _route(self, session_id: str, method: str, candidates: list[RunningReplica]) -> RunningReplica:
-        registry = self._registry()
+        store = self._store()
         by_id = {replica.replica_id.unique_id: replica for replica in candidates}
         try:
-            record = await registry.get_session(session_id)
-        except SessionGone:
+            record = await store.sessions.get_session(session_id)
+        except SessionNotFound:
             raise _AnyReplica from None  # the replica answers NOT_FOUND
-        loads = await registry.loads(list(by_id))
-        if record.owner in by_id and not _draining(loads[record.owner][1]):
+        loads = await store.replicas.loads(list(by_id))
+        if keeps_owner(record.owner, loads):
             return by_id[record.owner]
         if method not in PLACING_METHODS:
             raise _AnyReplica
         assert self._placement_lock is not None
         async with self._placement_lock:  # one placement at a time per process, so loads are fresh
-            record = await registry.get_session(session_id)
-            if record.owner in by_id and not _draining(loads[record.owner][1]):
+            record = await store.sessions.get_session(session_id)
+            if keeps_owner(record.owner, loads):
                 return by_id[record.owner]  # another request placed it meanwhile
-            loads = await registry.loads(list(by_id))
+            loads = await store.replicas.loads(list(by_id))
             target = pick_replica(session_id, loads, self._load_factor)
             if target is None:
                 raise _AnyReplica
-            epoch, owner = await registry.claim(session_id, record.epoch, target, self._lease_ms)
+            epoch, owner = await store.ownership.claim(session_id, record.epoch, target, self._lease_ms)
         if epoch < 0:
             raise _AnyReplica
         if owner != target:
@@ -135,10 +110,6 @@ class SessionAffinityRouter(RequestRouter):
 
 class _AnyReplica(Exception):
     """No preference: let Serve pick among all candidates."""
-
-
-def _draining(report: LoadReport | None) -> bool:
-    return bool(report and report.draining)
 
 
 def router_kwargs(settings: Any) -> dict:

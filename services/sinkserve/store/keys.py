@@ -1,0 +1,88 @@
+"""The whole Redis keyspace: every key the project reads or writes is built here and nowhere else.
+
+Layout (``p`` is ``RedisConfig.key_prefix``):
+
+Sessions (``sessions.py``, ``ownership.py``)
+
+    p:s:{sid}              hash   tenant, system_prompt, defaults, labels, created_ms, member,
+                                  turns, tokens_seen, owner (replica id), epoch (fencing token)
+    p:s:{sid}:tx           list   the transcript: one packed int32 blob of token ids per entry
+    p:s:{sid}:lease        str    "epoch|replica" with a TTL the owner renews; gone = owner silent
+    p:s:{sid}:busy         str    turn id of the turn in progress (SET NX: one turn at a time)
+    p:t:{tenant}:sessions  zset   "created_ms|sid" members (lexicographic pagination), all score 0
+
+Replicas (``replicas.py``)
+
+    p:r:{replica}          str    the replica's JSON load report, with a TTL
+    p:r:{replica}:sessions set    sessions the replica owns (its routing load)
+
+Tenants (``tenants.py``)
+
+    p:tenants              set    tenant names
+    p:t:{name}             hash   name, max_sessions, tokens_per_minute, created_ms
+    p:t:{name}:keys        set    SHA-256 digests of the tenant's API keys
+    p:key:{digest}         str    tenant name
+    p:t:{name}:tpm:{min}   int    tokens used in that minute (charged by the replica with the transcript)
+
+Tenant names cannot contain ':' (``tenants.TENANT_NAME``), so ``p:t:{name}`` never collides with another
+tenant's ``:sessions``/``:keys``/``:tpm`` keys.
+"""
+
+from __future__ import annotations
+
+# Stands in for a replica id to split ``replica_owned`` into the parts a Lua script joins around an owner
+# it reads inside the script (any string that cannot be a replica id).
+_PLACEHOLDER = "\x00"
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    # ---- sessions
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:s:{sid}"
+
+    def transcript(self, sid: str) -> str:
+        return f"{self.session(sid)}:tx"
+
+    def lease(self, sid: str) -> str:
+        return f"{self.session(sid)}:lease"
+
+    def busy(self, sid: str) -> str:
+        return f"{self.session(sid)}:busy"
+
+    def tenant_sessions(self, tenant: str) -> str:
+        return f"{self.tenant(tenant)}:sessions"
+
+    # ---- replicas
+    def replica_report(self, replica_id: str) -> str:
+        return f"{self.prefix}:r:{replica_id}"
+
+    def replica_owned(self, replica_id: str) -> str:
+        return f"{self.replica_report(replica_id)}:sessions"
+
+    def replica_owned_affixes(self) -> tuple[str, str]:
+        """(head, tail) with ``head .. replica .. tail == replica_owned(replica)``: for the Lua scripts that
+        must name the owned set of an owner they only learn inside the script."""
+        head, tail = self.replica_owned(_PLACEHOLDER).split(_PLACEHOLDER)
+        return head, tail
+
+    # ---- tenants
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def tenant(self, name: str) -> str:
+        return f"{self.prefix}:t:{name}"
+
+    def tenant_keys(self, name: str) -> str:
+        return f"{self.tenant(name)}:keys"
+
+    def api_key(self, key_digest: str) -> str:
+        return f"{self.prefix}:key:{key_digest}"
+
+    def tokens_per_minute(self, tenant: str, unix_time: float) -> str:
+        """The tenant's token counter for the minute holding ``unix_time`` (fixed one-minute windows)."""
+        return f"{self.tenant(tenant)}:tpm:{int(unix_time // 60)}"

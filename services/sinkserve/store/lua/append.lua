@@ -1,0 +1,14 @@
+-- Append one transcript entry, fenced by owner and epoch, and charge the tenant in the same step.
+-- KEYS: session hash, transcript, tenant's tokens-per-minute counter.
+-- ARGV: owner, epoch, blob, tokens, turn increment, tokens to charge the tenant.
+-- Reply: the turn count after it; -1 fenced; -2 the session is gone.
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return -1 end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'tokens_seen', ARGV[4])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('INCRBY', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[3], 120)
+end
+return redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
