@@ -49,9 +49,9 @@ def decode_step_times(engine, session_id: str, message: str, decode_tokens: int)
 
     The step that yields the first token also ingests the message, so it is reported apart as prefill.
     """
-    from sinkserve.engine import SamplingParams
+    from sinkserve.protocol import GenerationParams
 
-    engine.add_message(session_id, message, SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True))
+    engine.add_message(session_id, message, GenerationParams(max_tokens=decode_tokens + 1, ignore_eos=True))
     prefill_s = 0.0
     decode_s: list[float] = []
     decode_cpu_s: list[float] = []  # CPU time of this process (all threads): what contention cannot inflate

@@ -8,11 +8,11 @@ from benchmarks.speed import PROMPTS, _text_ids
 
 
 def _decoding_engine(model: str, cache: int, sessions: int, text: str, steps: int, dtype: str, weights: str):
-    from sinkserve.engine import SamplingParams
+    from sinkserve.protocol import GenerationParams
 
     engine = load(model, Geometry("streaming", cache), slots=sessions, prefill_chunk=cache, dtype=dtype,
                   max_step_tokens=max(2048, cache + 256), weights=weights)
-    params = SamplingParams(max_tokens=steps * 4 + 64, ignore_eos=True)
+    params = GenerationParams(max_tokens=steps * 4 + 64, ignore_eos=True)
     if sessions == 1:
         ids = _text_ids(engine.tokenizer, text, cache + 128)
         engine.import_session("profiled", ids)

@@ -1,6 +1,6 @@
 """Perplexity: the paper's Tables 1, 2, 6 and its long-stream figure, through sinkserve's own engine.
 
-Every number is `sinkserve.engine.ppl.evaluate_ppl` over the same text: each token is scored with exactly
+Every number is `sinkserve.engine.eval.evaluate_ppl` over the same text: each token is scored with exactly
 the cache the policy would hold before it (chunked for speed, not for approximation).
 """
 
@@ -18,10 +18,10 @@ def _ppl_of(nlls: list[float], count: int | None = None) -> float:
 
 
 def _evaluate(model: str, geometry: Geometry, text: str, tokens: int, chunk: int) -> dict:
-    from sinkserve.engine.ppl import evaluate_ppl
+    from sinkserve.engine.eval import evaluate_ppl
 
-    # recompute scores many positions at once, one slot per position: more slots, bigger batched forwards
-    engine = load(model, geometry, prefill_chunk=chunk, slots=8 if geometry.policy == "recompute" else 1)
+    # recompute scores several positions per forward on a scratch slab of its own (engine/eval.py)
+    engine = load(model, geometry, prefill_chunk=chunk)
     log(f"ppl {geometry.label}: {tokens} tokens")
     with Stopwatch() as watch:
         result = evaluate_ppl(engine, text, max_tokens=tokens, chunk=chunk, progress=True)

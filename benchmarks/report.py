@@ -90,7 +90,7 @@ def _quality(q: dict, imgs: dict) -> list[str]:
     lines = ["## Quality: perplexity through the engine", ""]
     lines += [
         "Perplexity of the text, every token scored against exactly the cache its policy holds before it "
-        "(`sinkserve.engine.ppl.evaluate_ppl`; chunks only batch the work). Cache size = tokens attended = "
+        "(`sinkserve.engine.eval.evaluate_ppl`; chunks only batch the work). Cache size = tokens attended = "
         "sinks + window. `recompute` re-encodes the last `cache` tokens for every token (the paper's sliding "
         "window with re-computation, no sinks); `window` keeps the last `cache` KV entries and no sinks; "
         "`dense` evicts nothing.",

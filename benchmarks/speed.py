@@ -52,7 +52,7 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
                 # cache (recompute re-encodes everything every step anyway)
                 decode_step_times(engine, sid, CONTINUE_MESSAGE, 1)
             timing = decode_step_times(engine, sid, CONTINUE_MESSAGE, tokens)
-            info = engine.session_info(sid)
+            info = engine.session_view(sid)
             row[key] = {
                 "weights": weights,
                 "median_ms": timing["median_step_s"] * 1e3,
@@ -61,7 +61,7 @@ def decode_latency(model: str, checkpoint, text: str, plan: Plan, hf) -> dict:
                 "steps": len(timing["step_s"]),
                 "cache_entries": info.cache_entries,
                 "bytes_per_session": int(engine.bytes_per_session),
-                "decode_weight_bytes": decode_weight_bytes(engine.model),
+                "decode_weight_bytes": decode_weight_bytes(engine.runner.model),
             }
             del engine
         prompt = torch.tensor([ids[:cache]], dtype=torch.long)
@@ -117,14 +117,14 @@ PROMPTS = [
 
 def batched_throughput(model: str, plan: Plan, hf, hf_fp32=None) -> dict:
     """Total decode tokens/s with N concurrent sessions in one engine, vs HF generate with batch N."""
-    from sinkserve.engine import SamplingParams
+    from sinkserve.protocol import GenerationParams
 
     rows = []
     for sessions in tqdm(plan.throughput_sessions, desc="batched throughput", unit="batch"):
         engine = load(model, Geometry("streaming", plan.throughput_cache), slots=sessions,
                       dtype=plan.speed_dtype, weights=plan.speed_weights)
         sids = [engine.open_session() for _ in range(sessions)]
-        params = SamplingParams(max_tokens=plan.throughput_decode_steps + 8, ignore_eos=True)
+        params = GenerationParams(max_tokens=plan.throughput_decode_steps + 8, ignore_eos=True)
         for i, sid in enumerate(sids):
             engine.add_message(sid, PROMPTS[i % len(PROMPTS)] + f" (#{i})", params)
         started = set()
@@ -200,7 +200,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     stream's time over the control's separates a cost that grows with position from the machine's own speed
     drifting during the run.
     """
-    from sinkserve.engine import SamplingParams
+    from sinkserve.protocol import GenerationParams
 
     engine = load(model, Geometry("streaming", plan.constant_cache), prefill_chunk=plan.constant_cache,
                   dtype=plan.speed_dtype, weights=plan.speed_weights, slots=2)
@@ -208,7 +208,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     message_len = plan.constant_message_tokens
     sid = engine.open_session()
-    params = SamplingParams(max_tokens=probe_tokens, ignore_eos=True)
+    params = GenerationParams(max_tokens=probe_tokens, ignore_eos=True)
     samples = []
     cursor = 0
     seen = 0
@@ -234,7 +234,7 @@ def constant_cost(model: str, text: str, plan: Plan, total_tokens: int, probe_to
             elif got:
                 decode_s.append(elapsed)
             produced += got
-        info = engine.session_info(sid)
+        info = engine.session_view(sid)
         bar.update(info.tokens_seen - seen)
         seen = info.tokens_seen
         control = fill_session(engine, "control", ids[: plan.constant_cache + 64])

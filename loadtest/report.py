@@ -129,7 +129,7 @@ def memory_summary(rows: list[dict[str, Any]], t0: float, warmup_s: float) -> di
     for row in rows:
         rss = _number(str(row.get("rss_mb"))) if row.get("rss_mb") not in (None, "") else None
         if rss is not None:
-            by_replica.setdefault(str(row["replica"]), []).append((float(row["unix_s"]) - t0, rss))
+            by_replica.setdefault(str(row["replica_id"]), []).append((float(row["unix_s"]) - t0, rss))
     if not by_replica:
         return {"measured": False}
     replicas = {}
@@ -157,37 +157,28 @@ def memory_summary(rows: list[dict[str, Any]], t0: float, warmup_s: float) -> di
     }
 
 
+COUNTERS = ("parks", "unparks", "drops", "rebuilt", "steps")  # load-report counts since each replica started
+
+
 def replica_counters(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last load report of each replica: slots, and counters such as rebuilt / evicted / parked."""
+    """The last load report of each replica: slots, and its residency counters (parks, unparks, drops, ...)."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
-        last[str(row["replica"])] = row
-    totals: dict[str, float] = {}
-    slots = 0
-    for row in last.values():
-        slots += int(row.get("max_sessions") or 0)
-        extra = row.get("extra") or "{}"
-        extra = json.loads(extra) if isinstance(extra, str) else extra
-        for key, value in extra.items():
-            if key != "pid" and isinstance(value, (int, float)):
-                totals[key] = totals.get(key, 0) + value
+        last[str(row["replica_id"])] = row
+    totals = {name: sum(int(row.get(name) or 0) for row in last.values()) for name in COUNTERS}
     # Gauges summed over the replicas at each sampling time; their peaks over the run.
     by_time: dict[float, dict[str, int]] = {}
     for row in rows:
-        extra = row.get("extra") or "{}"
-        extra = json.loads(extra) if isinstance(extra, str) else extra
         slot = by_time.setdefault(float(row["unix_s"]), {"resident": 0, "parked": 0})
         slot["resident"] += int(row.get("sessions") or 0)
-        slot["parked"] += int(extra.get("parked") or 0)
+        slot["parked"] += int(row.get("parked") or 0)
     return {
         "replicas": len(last),
-        "total_slots": slots,
+        "total_slots": sum(int(row.get("slots") or 0) for row in last.values()),
         "peak_resident_sessions": max((v["resident"] for v in by_time.values()), default=0),
         "peak_parked_sessions": max((v["parked"] for v in by_time.values()), default=0),
         "counters": totals,
-        # The replicas count parks/resumes once they support parking (issue 6).
-        "parking_supported": "parks" in totals,
-        "parked_and_resumed": totals.get("parks", 0) > 0 and totals.get("resumes", 0) > 0,
+        "parked_and_resumed": totals["parks"] > 0 and totals["unparks"] > 0,
     }
 
 
@@ -305,7 +296,7 @@ def plot_timeline(csv_prefix: Path, samples: list[dict[str, Any]], title: str, o
     by_replica: dict[str, list[tuple[float, float]]] = {}
     for row in samples:
         if row.get("rss_mb") not in (None, ""):
-            by_replica.setdefault(str(row["replica"]), []).append((float(row["unix_s"]) - t0, float(row["rss_mb"])))
+            by_replica.setdefault(str(row["replica_id"]), []).append((float(row["unix_s"]) - t0, float(row["rss_mb"])))
     for i, (replica, points) in enumerate(sorted(by_replica.items())):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], label=f"replica {i + 1}")
@@ -479,7 +470,9 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         ]
     state = head["replica_state"]
     counters = ", ".join(f"{k} {int(v)}" for k, v in sorted(state["counters"].items())) or "none reported"
-    parks, resumes = int(state["counters"].get("parks", 0)), int(state["counters"].get("resumes", 0))
+    # runs recorded before the engine counted residency itself call unparks "resumes"
+    parks = int(state["counters"].get("parks", 0))
+    resumes = int(state["counters"].get("unparks", state["counters"].get("resumes", 0)))
     rebuilt = int(state["counters"].get("rebuilt", 0))
     if parks:
         slots_line = (
@@ -487,13 +480,8 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
             f"{state['peak_parked_sessions']} parked at once) and resumed from there {resumes} times; "
             f"{rebuilt} were rebuilt from their transcript."
         )
-    elif state["parking_supported"]:
-        slots_line = "Every chat had a slot of its own, so no session needed parking."
     else:
-        slots_line = (
-            "The replicas do not report parking: an idle session gives its slot up by being dropped and is "
-            "rebuilt from its transcript in Redis on its next turn."
-        )
+        slots_line = "Every chat had a slot of its own, so no session needed parking."
     lines += [
         f"Sessions vs slots: {head['sessions_served']} chats were served by {state['total_slots']} KV slots "
         f"(peak {state['peak_resident_sessions']} resident). {slots_line} Replica counters at the end: {counters}. "

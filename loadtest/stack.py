@@ -9,6 +9,7 @@ process gets its own process group and a private SINKSERVE_CACHE_DIR, so neither
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import json
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
+from sinkserve.store import LoadReport
 
 TINY_LAYERS, TINY_HIDDEN = 2, 64
 
@@ -200,10 +203,9 @@ class MemorySampler(threading.Thread):
     """Every ``period_s``: each replica's load report from Redis (sessions, free slots, rebuilt, ...) and
     the RSS of its process (the report carries the pid; only meaningful when the replicas run here)."""
 
-    FIELDS = (
-        "unix_s", "replica", "pid", "rss_mb", "sessions", "owned", "free_slots", "max_sessions", "queue", "extra",
-        "loadavg_1m",  # this machine's, to tell a slow stack from a busy machine
-    )  # fmt: skip
+    # The load report's own fields, plus when, the replica process's RSS and this machine's load average (to
+    # tell a slow stack from a busy machine).
+    FIELDS = ("unix_s", "rss_mb", "loadavg_1m") + tuple(f.name for f in dataclasses.fields(LoadReport))
 
     def __init__(self, redis_url: str, key_prefix: str, out_csv: Path, period_s: float = 2.0, local: bool = True):
         super().__init__(name="replica-memory-sampler", daemon=True)
@@ -243,8 +245,7 @@ class MemorySampler(threading.Thread):
             if not raw:
                 continue
             report = json.loads(raw)
-            extra = report.get("extra") or {}
-            pid = extra.get("pid")
+            pid = report.get("pid")
             rss_mb = None
             if self.local and pid:
                 try:
@@ -254,16 +255,9 @@ class MemorySampler(threading.Thread):
             self.rows.append(
                 {
                     "unix_s": now,
-                    "replica": report.get("replica_id", key.decode().rsplit(":", 1)[-1]),
-                    "pid": pid,
                     "rss_mb": None if rss_mb is None else round(rss_mb, 1),
-                    "sessions": report.get("sessions"),
-                    "owned": report.get("owned"),
-                    "free_slots": report.get("free_slots"),
-                    "max_sessions": report.get("max_sessions"),
-                    "queue": report.get("queue"),
-                    "extra": json.dumps(extra, sort_keys=True),
                     "loadavg_1m": load_1m,
+                    **{name: report.get(name) for name in self.FIELDS if name in report},
                 }
             )
 

@@ -16,6 +16,10 @@ import typer
 
 from sinkserve.cli_flags import ConfigError, ConfigFlags, GivenFlags
 from sinkserve.config import BUNDLED_MODEL, EngineConfig
+from sinkserve.errors import InvalidArgument, SinkServeError
+from sinkserve.protocol import GenerationParams
+
+GENERATION = GenerationParams()  # the sampling defaults generate's help shows
 
 app = typer.Typer(
     name="sinkserve",
@@ -72,31 +76,29 @@ def model_prepare(
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the user message"),
     system: Optional[str] = typer.Option(None, help="system prompt"),
-    max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
-    top_k: int = typer.Option(0, min=0, help="0 = off"),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    repetition_penalty: float = typer.Option(1.0, min=0.0),
-    seed: Optional[int] = typer.Option(None),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=f"default {GENERATION.max_tokens}"),
+    temperature: Optional[float] = typer.Option(None, help=f"0 = greedy; default {GENERATION.temperature}"),
+    top_k: Optional[int] = typer.Option(None, help=f"0 = off; default {GENERATION.top_k}"),
+    top_p: Optional[float] = typer.Option(None, help=f"default {GENERATION.top_p}"),
+    repetition_penalty: Optional[float] = typer.Option(None, help=f"1 = off; default {GENERATION.repetition_penalty}"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed (default: a random one)"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     *,
     flags: GivenFlags,
 ) -> None:
     """Stream a reply to one message to the terminal."""
     cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
-    from sinkserve.engine import EngineError, SamplingParams, load_engine
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+    try:
+        params = GenerationParams.from_fields({k: v for k, v in given.items() if v is not None and v != ()})
+    except InvalidArgument as err:  # GenerationParams names the setting: name the flag
+        setting = next((k for k in given if err.message.startswith(k)), None)
+        _fail(f"--{setting.replace('_', '-')}: {err.message}" if setting else err.message)
+    from sinkserve.engine import load_engine
 
     try:
         engine = load_engine(cfg)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=list(stop),
-        )
         sid = engine.open_session(system_prompt=system)
         final = None
         for out in engine.chat(sid, prompt, params):
@@ -108,8 +110,8 @@ def generate(
             typer.secho(
                 f"[{final.finish_reason}; {final.completion_tokens} tokens]", fg=typer.colors.BRIGHT_BLACK, err=True
             )
-    except EngineError as err:
-        _fail(str(err))
+    except SinkServeError as err:
+        _fail(err.message)
 
 
 @app.command()
@@ -127,18 +129,16 @@ def ppl(
     Tokens are fed --prefill-chunk at a time; every token still sees exactly the cache state before it.
     """
     cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
-    if cfg.policy == "recompute":
-        cfg.slots = 8  # recompute scores 8 positions per forward
     chunk = cfg.prefill_chunk
-    from sinkserve.engine import EngineError, load_engine
-    from sinkserve.engine.ppl import evaluate_ppl
+    from sinkserve.engine import load_engine
+    from sinkserve.engine.eval import evaluate_ppl
 
     content = text.read_text(encoding="utf-8", errors="replace")
     try:
         engine = load_engine(cfg)
         result = evaluate_ppl(engine, content, max_tokens=tokens, chunk=chunk, progress=progress)
-    except EngineError as err:
-        _fail(str(err))
+    except SinkServeError as err:
+        _fail(err.message)
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
     else:
