@@ -259,3 +259,42 @@ async def test_a_deadline_stops_the_turn_and_records_what_the_cache_holds(make_e
     assert not engine.session_view(sid).busy
     session = engine.sessions.get(sid)
     assert (await replica.store.sessions.get_session(sid)).tokens_seen == session.tokens_seen + len(session.feed)
+
+
+@pytest.mark.parametrize("state", ["parked", "rebuilt", "new"])
+async def test_cancelled_at_any_moment_of_a_load_the_session_stays_whole(state, make_engine, make_replica):
+    """A sweep of cancellation moments over the load of a session that must unpark, be rebuilt from its log, or
+    be opened by parking a victim: after each, every slot is accounted for and the next turn continues the log."""
+    engine = make_engine(slots=2, park_host_bytes=0 if state == "rebuilt" else 2**30)
+    replica = await make_replica(engine)
+    sids = await new_sessions(replica, 3)
+    for sid in sids:
+        await turn(replica, sid, "warm up")
+    target = sids[0]  # the least recently used: parked (or dropped) when the third session took its slot
+    for step in range(12):
+        if state == "new":
+            target = (await new_sessions(replica, 1))[0]
+            await replica.loop.submit(CloseSessionIfIdle(target))  # not resident: its first turn must open it
+        cut = asyncio.create_task(turn(replica, target, f"interrupted {step}"))
+        await asyncio.sleep(step * 0.002)
+        cut.cancel()
+        await asyncio.gather(cut, return_exceptions=True)
+        assert_slots_accounted(engine)
+        before = await replica.store.sessions.transcript_len(target)
+        events = await turn(replica, target, "continue")
+        assert events[-1].turn == before + 1
+        session = engine.sessions.get(target)
+        _, total = await replica.store.sessions.transcript_ends(target, engine.sinks, engine.window)
+        assert total == session.tokens_seen + len(session.feed)
+        for other in sids:  # move the target out of its slot again for the next moment
+            if other != target:
+                await turn(replica, other, "meanwhile")
+
+
+@dataclass(frozen=True)
+class CloseSessionIfIdle:
+    session_id: str
+
+    def run(self, engine, loop) -> None:
+        if engine.has_session(self.session_id) and not engine.session_view(self.session_id).busy:
+            engine.close_session(self.session_id)
