@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from sinkserve.cli_flags import ConfigError, ConfigFlags, GivenFlags
-from sinkserve.client import DEFAULT_ADDRESS, load_defaults, save_defaults
+from sinkserve.client import DEFAULT_ADDRESS, defaults_file, load_defaults, save_defaults
 
 tenant_app = typer.Typer(help="Tenants and their API keys (in the stack's Redis).", no_args_is_help=True)
 
@@ -40,6 +42,26 @@ def _settings(flags: Optional[GivenFlags] = None, **sections):
 def _redis_url(flag: Optional[str]) -> str:
     # Flag, then the environment (SINKSERVE_REDIS__URL), then what `sinkserve up` saved, then the default.
     return flag or os.environ.get("SINKSERVE_REDIS__URL") or load_defaults().get("redis_url") or "redis://127.0.0.1:6379/0"
+
+
+def _local_redis_password() -> str:
+    """The password of the redis-server `up` starts: generated on the first `up`, saved with the client defaults
+    (mode 0600), the same on every later `up` (so what `sinkserve tenant` saved keeps working)."""
+    saved = load_defaults().get("local_redis_password")
+    if saved:
+        return saved
+    password = secrets.token_urlsafe(32)
+    save_defaults(local_redis_password=password)
+    return password
+
+
+def _redis_password(url: str, configured: Optional[str]) -> Optional[str]:
+    """The password for `url`: the local stack's saved one when `url` is the redis-server `up` last started,
+    else the configured one (SINKSERVE_REDIS__PASSWORD)."""
+    saved = load_defaults()
+    if saved.get("local_redis_password") and url == saved.get("local_redis_url"):
+        return saved["local_redis_password"]
+    return configured
 
 
 # ---------------------------------------------------------------------------------------------- up
@@ -76,14 +98,27 @@ def up(
     redis_url: Optional[str] = typer.Option(
         None, help="use this Redis instead of starting one (default: start redis-server on a free port)"
     ),
+    data_dir: Optional[Path] = typer.Option(
+        None,
+        file_okay=False,
+        help="where the redis-server `up` starts keeps tenants, API keys, sessions and transcripts (append-only "
+        "file, fsynced every second; kept across restarts)",
+        show_default="<cache dir>/redis: $SINKSERVE_CACHE_DIR/redis or ~/.cache/sinkserve/redis",
+    ),
     *,
     flags: GivenFlags,
 ) -> None:
-    """Start the whole stack on 127.0.0.1: redis-server, local Ray, the Serve app, the gRPC gateway."""
+    """Start the whole stack on 127.0.0.1: redis-server, local Ray, the Serve app, the gRPC gateway.
+
+    redis-server keeps its data in --data-dir, behind a generated password, and is restarted when it dies."""
     settings = up_settings(flags, redis_url)
+    if redis_url is not None and data_dir is not None:
+        _fail("--data-dir: only for the redis-server `up` starts; leave it out with --redis-url")
     replicas = settings.replica.num_replicas
-    # SIGTERM shuts down like Ctrl-C: everything this command started is stopped, nothing else.
+    # SIGTERM (and SIGHUP: the terminal closed) shut down like Ctrl-C: everything this command started is stopped,
+    # nothing else (redis-server runs in a session of its own and is stopped here, not by the terminal).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     from sinkserve.gateway.main import serve_forever
     from sinkserve.replica.local import deploy, start_local_ray
     from sinkserve.store.redis_server import RedisServer
@@ -95,9 +130,18 @@ def up(
     ray_started = False
     try:
         if redis_url is None:
-            redis_server = RedisServer(host="127.0.0.1").start()
+            # Durable and supervised: data in the data dir (append-only file), a password, restarted if it dies.
+            password = _local_redis_password()
+            redis_server = RedisServer(
+                host="127.0.0.1",
+                data_dir=data_dir or settings.cache_dir / "redis",
+                password=password,
+                on_restart=lambda pid: typer.echo(f"redis-server restarted (pid {pid})"),
+            ).start()
             settings.redis.url = redis_server.url
-            typer.echo(f"redis-server  {redis_server.url} (pid {redis_server.process.pid})")
+            settings.redis.password = password
+            save_defaults(local_redis_url=redis_server.url, redis_url=redis_server.url)
+            typer.echo(f"redis-server  {redis_server.url} (pid {redis_server.pid}, data in {redis_server.data_dir})")
         typer.echo("starting Ray (127.0.0.1, token auth) ...")
         start_local_ray(settings, num_cpus=num_cpus)
         ray_started = True
@@ -176,9 +220,9 @@ def _store(redis_url: Optional[str]):
     from sinkserve.store import Store
 
     base = _settings()
-    cfg = RedisConfig(**{**base.redis.model_dump(), "url": _redis_url(redis_url)})
-    if base.redis.password is not None:
-        cfg.password = base.redis.password
+    url = _redis_url(redis_url)
+    configured = base.redis.password.get_secret_value() if base.redis.password is not None else None
+    cfg = RedisConfig(**{**base.redis.model_dump(), "url": url, "password": _redis_password(url, configured)})
     return Store.from_config(cfg, base.limits)
 
 
@@ -194,6 +238,12 @@ def _run_redis(coro_factory, redis_url: Optional[str]):
 
     try:
         return asyncio.run(main())
+    except redis_exc.AuthenticationError as err:
+        _fail(
+            f"Redis at {_redis_url(redis_url)} did not let us in: {err} (the password of the stack `sinkserve up` "
+            f"started is saved in {defaults_file()}; for another Redis set SINKSERVE_REDIS__PASSWORD)",
+            1,
+        )
     except (redis_exc.ConnectionError, redis_exc.TimeoutError) as err:
         _fail(f"cannot reach Redis at {_redis_url(redis_url)}: {err} (is `sinkserve up` running?)", 1)
 

@@ -40,8 +40,14 @@ def save_defaults(**values: str) -> Path:
     path = defaults_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**load_defaults(), **{k: v for k, v in values.items() if v}}
-    path.write_text(json.dumps(merged, indent=2))
-    path.chmod(0o600)  # it may hold an API key
+    # It may hold an API key and the local Redis password: created 0600 (never readable by others, not even
+    # for a moment) and replaced whole, so a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(merged, indent=2))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
     return path
 
 

@@ -310,8 +310,13 @@ def test_list_pagination_and_delete(stack, client_factory):
 def test_local_ray_is_on_loopback_only(stack):
     import ray
 
+    from .loopback import assert_loopback_only
+
     assert stack.ray_env["RAY_ADDRESS"].startswith("127.0.0.1:")
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    # Every listening socket of this process and its descendants (redis-server, Ray's gcs, raylet, agents and
+    # workers, the gateway): loopback, except the one Ray cannot bind there (one gRPC server per Serve replica).
+    assert_loopback_only(None, stack.settings.replica.num_replicas, stack.settings.ray.app_name)
 
 
 def test_health_and_reflection(stack):
