@@ -146,10 +146,14 @@ class ReplicaUnavailable(Unavailable):
 
 
 def find_error(exc: BaseException | None, depth: int = 6) -> SinkServeError | None:
-    """The SinkServeError inside whatever wrapped it (Ray wraps remote exceptions), or None."""
+    """The SinkServeError inside whatever wrapped it (Ray wraps remote exceptions), or None.
+
+    Ray's wrapper class derives from the error it wraps (so it is a SinkServeError too) but its str() is the remote
+    traceback: the error itself, its `cause`, is returned."""
     while exc is not None and depth > 0:
         if isinstance(exc, SinkServeError):
-            return exc
+            cause = getattr(exc, "cause", None)
+            return cause if isinstance(cause, SinkServeError) else exc
         exc = getattr(exc, "cause", None) or exc.__cause__
         depth -= 1
     return None

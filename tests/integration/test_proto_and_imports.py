@@ -46,8 +46,9 @@ def test_gateway_client_and_cli_do_not_import_torch():
     code = (
         "import sys\n"
         "import sinkserve.gateway.server, sinkserve.gateway.main, sinkserve.gateway.backend\n"
+        "import sinkserve.gateway.convert, sinkserve.gateway.interceptors, sinkserve.gateway.limits\n"
         "import sinkserve.routing.request_router, sinkserve.client, sinkserve.cli_serving, sinkserve.cli\n"
-        "import sinkserve.replica.errors\n"
+        "import sinkserve.errors, sinkserve.protocol, sinkserve.replica\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -1,8 +1,10 @@
 """The gateway's side of Ray Serve: calls to the replica deployment through a DeploymentHandle.
 
-Every Ray failure comes out as a ``ReplicaError`` with the gRPC status to answer. A call that reaches a
-replica which no longer owns the session (``NOT_OWNER``), or a replica that died before it produced
-anything, is re-sent: the request router then places the session on a live owner. Once a turn has
+Whatever fails comes out as a ``sinkserve.errors`` error with a short, client-safe message (the details go to the
+log): a replica's own error is unwrapped from Ray's wrapper, Serve's back-pressure is ResourceExhausted with a
+retry hint, a dead or missing replica is ReplicaUnavailable, anything else is Internal. A call that reaches a
+replica which no longer owns the session (``NotOwner``), or that finds no replica able to answer (UNAVAILABLE),
+is re-sent within a retry budget: the request router then places the session on a live owner. Once a turn has
 streamed output it is never re-sent (the client would see text twice).
 """
 
@@ -13,15 +15,17 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
-from sinkserve.replica import DEPLOYMENT_NAME
-from sinkserve.replica.errors import (
-    INTERNAL,
-    NOT_OWNER,
-    RESOURCE_EXHAUSTED,
-    UNAVAILABLE,
-    ReplicaError,
-    unwrap,
+from sinkserve.errors import (
+    Internal,
+    NotOwner,
+    ReplicaUnavailable,
+    ResourceExhausted,
+    SinkServeError,
+    Status,
+    find_error,
 )
+from sinkserve.protocol import GenerationParams, SessionView, TurnEvent
+from sinkserve.replica import DEPLOYMENT_NAME
 
 logger = logging.getLogger("sinkserve.gateway")
 
@@ -29,6 +33,7 @@ logger = logging.getLogger("sinkserve.gateway")
 # long (backing off) before answering UNAVAILABLE.
 RETRY_BUDGET_S = 20.0
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+BACK_PRESSURE_RETRY_S = 1.0
 
 
 class _Retry:
@@ -46,39 +51,58 @@ class _Retry:
         return True
 
 
-def to_replica_error(err: BaseException) -> ReplicaError:
-    found = unwrap(err)
+def _unavailable_types() -> tuple[type, ...]:
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    names = (
+        (ray_exc, ("RayActorError", "ActorUnavailableError", "RaySystemError", "GetTimeoutError", "WorkerCrashedError",
+                   "NodeDiedError", "LocalRayletDiedError", "OwnerDiedError", "ObjectLostError")),
+        (serve_exc, ("DeploymentUnavailableError", "ReplicaUnavailableError", "RayServeException")),
+    )
+    found = tuple(getattr(module, name) for module, attrs in names for name in attrs if hasattr(module, name))
+    return found + (ConnectionError, TimeoutError)
+
+
+def to_error(err: BaseException, what: str = "call") -> SinkServeError:
+    """The sinkserve error for whatever a handle call raised (the details are logged, not returned)."""
+    found = find_error(err)
     if found is not None:
         return found
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
 
-    if isinstance(err, getattr(serve_exc, "BackPressureError", ())):
-        return ReplicaError(RESOURCE_EXHAUSTED, "the model replicas are at their request limit; retry shortly")
-    unavailable: tuple[type, ...] = (
-        ray_exc.RayActorError,
-        ray_exc.ActorUnavailableError,
-        ray_exc.RaySystemError,
-        ray_exc.GetTimeoutError,
-        ConnectionError,
-        TimeoutError,
-    )
-    for name in ("DeploymentUnavailableError", "RayServeException"):
-        if hasattr(serve_exc, name):
-            unavailable += (getattr(serve_exc, name),)
-    if isinstance(err, unavailable):
-        return ReplicaError(UNAVAILABLE, f"model replica unavailable: {type(err).__name__}: {err}")
+    back_pressure = getattr(serve_exc, "BackPressureError", None)
+    if back_pressure is not None and isinstance(err, back_pressure):
+        return ResourceExhausted("the model replicas are at their request limit; retry shortly",
+                                 retry_after_s=getattr(err, "retry_after_s", None) or BACK_PRESSURE_RETRY_S)
+    if isinstance(err, _unavailable_types()):
+        logger.info("%s: no replica available: %s: %s", what, type(err).__name__, _short(err))
+        return ReplicaUnavailable("no model replica is available; retry shortly")
     if isinstance(err, ray_exc.RayTaskError):
-        return ReplicaError(INTERNAL, f"replica failed: {err}")
-    return ReplicaError(UNAVAILABLE, f"{type(err).__name__}: {err}")
+        logger.warning("%s: the replica failed: %s", what, _short(err))
+        return Internal("the model replica failed")
+    logger.warning("%s: unexpected failure: %s: %s", what, type(err).__name__, _short(err), exc_info=err)
+    return Internal("internal error")
 
 
-def _retryable(err: ReplicaError) -> bool:
-    return err.status in (NOT_OWNER, UNAVAILABLE)
+def _short(err: BaseException) -> str:
+    return str(err)[:2000]
+
+
+def _retryable(err: SinkServeError) -> bool:
+    return isinstance(err, NotOwner) or err.status is Status.UNAVAILABLE
+
+
+def _gave_up(err: SinkServeError) -> SinkServeError:
+    """What the client gets once the retry budget is spent."""
+    if isinstance(err, NotOwner):
+        return ReplicaUnavailable("the session's replica could not be settled; retry shortly")
+    return err
 
 
 class ServeBackend:
-    """Thin async wrapper over the replica deployment's handle."""
+    """Thin async wrapper over the replica deployment's handle; raises sinkserve.errors only."""
 
     def __init__(self, handle: Any, call_timeout_s: float = 60.0, retry_budget_s: float = RETRY_BUDGET_S):
         self.handle = handle
@@ -97,35 +121,38 @@ class ServeBackend:
 
     async def _unary(self, method: str, **kwargs: Any) -> Any:
         retry = _Retry(self.retry_budget_s)
+        what = f"{method}({kwargs.get('session_id')})"
         while True:
             try:
                 response = getattr(self.handle, method).remote(**kwargs)
-                return await asyncio.wait_for(response, self.call_timeout_s)
+                async with asyncio.timeout(self.call_timeout_s):  # not wait_for: see _first_event
+                    return await response
             except asyncio.CancelledError:
                 raise
-            except BaseException as err:  # noqa: BLE001 - every Ray failure maps to a status
-                failure = to_replica_error(err)
+            except Exception as err:  # noqa: BLE001 - every Ray failure becomes a sinkserve error
+                failure = to_error(err, what)
                 if not _retryable(failure):
                     raise failure from None
-                logger.info("%s(%s) attempt %d: %s", method, kwargs.get("session_id"), retry.attempt + 1, failure)
+                logger.info("%s attempt %d: %s", what, retry.attempt + 1, failure.message)
                 if not await retry.wait():
-                    raise ReplicaError(UNAVAILABLE, failure.message) from None
+                    raise _gave_up(failure) from None
 
-    async def create(self, session_id: str) -> dict:
+    async def create(self, session_id: str) -> SessionView:
         return await self._unary("create", session_id=session_id)
 
-    async def info(self, session_id: str) -> dict:
+    async def info(self, session_id: str) -> SessionView:
         return await self._unary("info", session_id=session_id)
 
     async def delete(self, session_id: str) -> bool:
         return await self._unary("delete", session_id=session_id)
 
     async def chat(
-        self, session_id: str, text: str, params: dict, deadline_unix: float | None
-    ) -> AsyncIterator[dict]:
+        self, session_id: str, text: str, params: GenerationParams, deadline_unix: float | None
+    ) -> AsyncIterator[TurnEvent]:
         """Stream one turn's events. Cancelling the consumer cancels the replica's generator (it aborts the turn)."""
         streaming = self.handle.options(stream=True)
         retry = _Retry(self.retry_budget_s)
+        what = f"chat({session_id})"
         while True:
             generator = streaming.chat.remote(
                 session_id=session_id, text=text, params=params, deadline_unix=deadline_unix
@@ -133,9 +160,8 @@ class ServeBackend:
             produced = False
             try:
                 while True:
-                    next_event = generator.__anext__()
                     try:
-                        event = await (next_event if produced else asyncio.wait_for(next_event, self.call_timeout_s))
+                        event = await (generator.__anext__() if produced else self._first_event(generator))
                     except StopAsyncIteration:
                         return
                     produced = True
@@ -143,11 +169,17 @@ class ServeBackend:
             except (asyncio.CancelledError, GeneratorExit):
                 generator.cancel()
                 raise
-            except BaseException as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001
                 generator.cancel()
-                failure = to_replica_error(err)
+                failure = to_error(err, what)
                 if produced or not _retryable(failure):
                     raise failure from None
-                logger.info("chat(%s) attempt %d: %s", session_id, retry.attempt + 1, failure)
+                logger.info("%s attempt %d: %s", what, retry.attempt + 1, failure.message)
                 if not await retry.wait():
-                    raise ReplicaError(UNAVAILABLE, failure.message) from None
+                    raise _gave_up(failure) from None
+
+    async def _first_event(self, generator: Any) -> Any:
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation that arrives just as
+        # the awaited call finishes (CPython gh-86296), and a client hang-up must never be lost.
+        async with asyncio.timeout(self.call_timeout_s):
+            return await generator.__anext__()
