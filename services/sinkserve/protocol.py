@@ -135,7 +135,15 @@ class TurnFinished:
         return self.prompt_tokens + self.completion_tokens
 
 
-TurnEvent = TurnDelta | TurnFinished
+@dataclass(frozen=True)
+class TurnProgress:
+    """A turn is alive but has no text yet (a long message is still being ingested, or it waits for a slot):
+    sent every few seconds so a front end can bound the wait for a dead replica without cutting slow work."""
+
+    waited_s: float
+
+
+TurnEvent = TurnDelta | TurnFinished | TurnProgress
 
 
 @dataclass(frozen=True)

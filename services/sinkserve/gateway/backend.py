@@ -24,7 +24,7 @@ from sinkserve.errors import (
     Status,
     find_error,
 )
-from sinkserve.protocol import GenerationParams, SessionView, TurnEvent
+from sinkserve.protocol import GenerationParams, SessionView, TurnEvent, TurnProgress
 from sinkserve.replica import DEPLOYMENT_NAME
 
 logger = logging.getLogger("sinkserve.gateway")
@@ -106,8 +106,9 @@ class ServeBackend:
 
     def __init__(self, handle: Any, call_timeout_s: float = 60.0, retry_budget_s: float = RETRY_BUDGET_S):
         self.handle = handle
-        # Bounds a unary call and the wait for a turn's first event: with no replica running (app not
-        # deployed yet, cluster down) a handle call would wait forever.
+        # Bounds a unary call and each wait for a turn's next event before its text starts (a live replica sends a
+        # TurnProgress every few seconds meanwhile): with no replica running (app not deployed yet, cluster down)
+        # a handle call would wait forever, while a long message being ingested must not be cut.
         self.call_timeout_s = call_timeout_s
         self.retry_budget_s = retry_budget_s
 
@@ -164,6 +165,8 @@ class ServeBackend:
                         event = await (generator.__anext__() if produced else self._first_event(generator))
                     except StopAsyncIteration:
                         return
+                    if isinstance(event, TurnProgress):  # alive, no text yet: the wait for text starts again
+                        continue
                     produced = True
                     yield event
             except (asyncio.CancelledError, GeneratorExit):

@@ -28,7 +28,7 @@ from sinkserve.errors import (
     SinkServeError,
     StoreUnavailable,
 )
-from sinkserve.protocol import GenerationParams, TurnDelta, TurnEvent, TurnFinished
+from sinkserve.protocol import GenerationParams, TurnDelta, TurnEvent, TurnFinished, TurnProgress
 from sinkserve.replica.loop import AbortTurn, Acquire, CloseSession, EngineLoop, Rebuild, StartTurn, TurnSink, ViewSession
 from sinkserve.replica.metrics import ReplicaMetrics
 from sinkserve.store import SessionRecord, Store
@@ -36,6 +36,8 @@ from sinkserve.store import SessionRecord, Store
 logger = logging.getLogger("sinkserve.replica")
 
 STORE_ERRORS = (redis_exc.RedisError, ConnectionError, OSError)
+PROGRESS_EVERY_S = 2.0  # a turn with no text yet says it is alive this often (TurnProgress)
+ENGINE_STALL_S = 60.0  # an engine thread that has not come round for this long is stuck
 
 
 class Admission:
@@ -154,14 +156,24 @@ class Turns:
             self.active.discard(sid)
             await self.admission.released()
 
-    async def _stream(self, sink: TurnSink, deadline_unix: float | None) -> AsyncIterator[TurnDelta | TokenOutput]:
-        """The turn's text, one TurnDelta per batch of queued steps, then its final TokenOutput."""
+    async def _stream(self, sink: TurnSink, deadline_unix: float | None) -> AsyncIterator[TurnEvent | TokenOutput]:
+        """The turn's text, one TurnDelta per batch of queued steps, then its final TokenOutput. While no text comes
+        (a long message being ingested) a TurnProgress every few seconds, as long as the engine thread is alive."""
+        started = time.monotonic()
         while True:
-            timeout = None if deadline_unix is None else max(0.0, deadline_unix - time.time())
+            timeout = PROGRESS_EVERY_S
+            if deadline_unix is not None:
+                timeout = min(timeout, max(0.0, deadline_unix - time.time()))
             try:
-                item = await asyncio.wait_for(sink.queue.get(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                    item = await sink.queue.get()
             except TimeoutError:
-                raise DeadlineExceeded("the turn ran past its deadline and was stopped") from None
+                if deadline_unix is not None and time.time() >= deadline_unix:
+                    raise DeadlineExceeded("the turn ran past its deadline and was stopped") from None
+                if time.monotonic() - self.loop.last_beat > ENGINE_STALL_S:
+                    raise ReplicaUnavailable("the replica's engine stopped making progress") from None
+                yield TurnProgress(round(time.monotonic() - started, 1))
+                continue
             items = [item]
             while not sink.queue.empty():  # steps that ran while we waited go out as one delta
                 items.append(sink.queue.get_nowait())

@@ -173,3 +173,29 @@ async def test_closing_the_chat_stream_cancels_the_replica_generator():
     assert await stream.__anext__() == TurnDelta("a")
     await stream.aclose()
     assert handle.streams[0].cancelled
+
+
+async def test_progress_keeps_a_slow_turn_alive_and_is_not_passed_on():
+    """A long ingest: each wait is shorter than the call timeout only because TurnProgress events arrive, and they
+    never reach the client; a turn that only ever says it is alive is still re-sendable (it produced nothing)."""
+    from sinkserve.protocol import TurnProgress
+
+    class SlowStream(FakeStream):
+        async def __anext__(self):
+            await asyncio.sleep(0.06)  # longer than the backend's call timeout below, in total
+            return await super().__anext__()
+
+    stream = SlowStream([TurnProgress(1.0), TurnProgress(2.0), TurnProgress(3.0), TurnDelta("late"), FINISHED])
+    stream.cancel = lambda: None
+
+    class Handle:
+        class chat:
+            @staticmethod
+            def remote(**kwargs):
+                return stream
+
+        def options(self, stream=False):
+            return self
+
+    events = [e async for e in ServeBackend(Handle(), call_timeout_s=0.1).chat("s", "hi", GenerationParams(), None)]
+    assert events == [TurnDelta("late"), FINISHED]

@@ -298,3 +298,24 @@ class CloseSessionIfIdle:
     def run(self, engine, loop) -> None:
         if engine.has_session(self.session_id) and not engine.session_view(self.session_id).busy:
             engine.close_session(self.session_id)
+
+
+async def test_a_long_ingest_sends_progress_before_its_text(make_engine, make_replica, monkeypatch):
+    """Text that takes longer than the progress period to start arrives after TurnProgress events, so a front
+    end's wait for a dead replica never cuts a prefill that is progressing."""
+    from sinkserve.protocol import TurnProgress
+    from sinkserve.replica import turns as turns_module
+
+    monkeypatch.setattr(turns_module, "PROGRESS_EVERY_S", 0.05)
+    engine = make_engine(prefill_chunk=4, max_step_tokens=4)
+    replica = await make_replica(engine)
+    (sid,) = await new_sessions(replica, 1)
+    release, held = await hold_engine(replica)  # the engine is busy elsewhere for a while
+    waiting = asyncio.create_task(turn(replica, sid, "a long message " * 30, GenerationParams(max_tokens=3)))
+    await asyncio.sleep(0.4)
+    release.set()
+    await held
+    events = await waiting
+    kinds = [type(e).__name__ for e in events]
+    assert "TurnProgress" in kinds and kinds.index("TurnProgress") < kinds.index("TurnDelta")
+    assert isinstance(events[-1], TurnFinished) and all(e.waited_s >= 0 for e in events if isinstance(e, TurnProgress))
