@@ -19,7 +19,7 @@ from sinkserve.engine.kv_cache import SlabGeometry
 from sinkserve.engine.output import Detokenizer, TokenOutput
 from sinkserve.engine.residency import Residency
 from sinkserve.engine.runner import ModelRunner
-from sinkserve.engine.scheduler import Scheduler
+from sinkserve.engine.scheduler import Scheduler, StepPlan
 from sinkserve.engine.sessions import Session, SessionTable
 from sinkserve.engine.step_inputs import RowInput
 from sinkserve.errors import ContextOverflow, InvalidArgument, NoFreeSlot, SessionBusy
@@ -48,6 +48,7 @@ class Engine:
         self.sessions = SessionTable()
         self.chat_format = ChatFormat(tokenizer)
         self.steps_run = 0
+        self.last_plan: StepPlan | None = None  # what the latest step ran (for step metrics)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -189,6 +190,10 @@ class Engine:
     def has_work(self) -> bool:
         return self.sessions.any_busy()
 
+    def pending_prompt_tokens(self) -> int:
+        """Message ids queued for ingestion across all sessions that are ingesting."""
+        return sum(len(s.feed) for s in self.sessions.all() if s.state == "prefill")
+
     def chat(self, session_id: str, text: str, params: GenerationParams | None = None) -> Iterator[TokenOutput]:
         """add_message + step() until the reply ends; yields this session's events. For single-driver use:
         events of other sessions stepped meanwhile are not delivered anywhere."""
@@ -213,6 +218,7 @@ class Engine:
         ]
         logits = self.runner.forward(inputs)
         self.steps_run += 1
+        self.last_plan = plan
         sampling: list[tuple[Session, torch.Tensor]] = []
         for row, row_logits in zip(plan.rows, logits):
             session = self.sessions.get(row.session_id)

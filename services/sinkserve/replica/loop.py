@@ -136,6 +136,9 @@ class EngineSnapshot:
     unparks: int
     drops: int
     steps: int
+    pending_prompt_tokens: int  # message ids waiting to be ingested
+    step_s: float | None  # moving average of a step's wall time (None before the first step)
+    prefill_tokens_per_s: float | None  # moving average of the ingest rate of steps that ingested
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,29 @@ class Snapshot:
             slots=engine.slots, free_slots=engine.free_slots, resident=len(residency.resident()),
             parked=len(residency.parked()), busy=sum(s.busy for s in engine.sessions.all()),
             parks=residency.stats.parks, unparks=residency.stats.unparks, drops=residency.stats.drops,
-            steps=loop.steps,
+            steps=loop.steps, pending_prompt_tokens=engine.pending_prompt_tokens(), step_s=loop.timing.step_s,
+            prefill_tokens_per_s=loop.timing.prefill_tokens_per_s,
         )
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class StepTiming:
+    """Moving averages over the engine's recent steps: what admission estimates a new turn's wait from."""
+
+    weight: float = 0.2  # of the newest step
+    step_s: float | None = None
+    prefill_tokens_per_s: float | None = None
+
+    def observe(self, seconds: float, prefill_tokens: int) -> None:
+        self.step_s = self._mix(self.step_s, seconds)
+        if prefill_tokens and seconds > 0:
+            self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s, prefill_tokens / seconds)
+
+    def _mix(self, average: float | None, value: float) -> float:
+        return value if average is None else (1 - self.weight) * average + self.weight * value
+
+
 @dataclass
 class _Pending:
     command: Any
@@ -170,6 +191,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="sinkserve-engine-loop", daemon=True)
         self.error: BaseException | None = None
         self.steps = 0
+        self.timing = StepTiming()
         self.last_beat = time.monotonic()
 
     def start(self) -> "EngineLoop":
@@ -205,7 +227,10 @@ class EngineLoop:
                 if not self._run_commands(block=not self.engine.has_work()):
                     return
                 if self.engine.has_work():
+                    started = time.perf_counter()
                     outputs = self.engine.step()
+                    plan = self.engine.last_plan
+                    self.timing.observe(time.perf_counter() - started, plan.prefill_tokens if plan else 0)
                     self.steps += 1
                     for out in outputs:
                         self._deliver(out)

@@ -13,6 +13,7 @@ COUNTERS = (
     ("unparks", "parked sessions copied back into a slot"),
     ("drops", "parked caches dropped for the host-memory budget"),
     ("rebuilds", "sessions rebuilt from their transcript"),
+    ("refused_early", "turns refused at once because they could not start before their deadline"),
 )
 
 

@@ -29,7 +29,18 @@ from sinkserve.errors import (
     StoreUnavailable,
 )
 from sinkserve.protocol import GenerationParams, TurnDelta, TurnEvent, TurnFinished, TurnProgress
-from sinkserve.replica.loop import AbortTurn, Acquire, CloseSession, EngineLoop, Rebuild, StartTurn, TurnSink, ViewSession
+from sinkserve.replica.loop import (
+    AbortTurn,
+    Acquire,
+    CloseSession,
+    EngineLoop,
+    EngineSnapshot,
+    Rebuild,
+    Snapshot,
+    StartTurn,
+    TurnSink,
+    ViewSession,
+)
 from sinkserve.replica.metrics import ReplicaMetrics
 from sinkserve.store import SessionRecord, Store
 
@@ -38,6 +49,16 @@ logger = logging.getLogger("sinkserve.replica")
 STORE_ERRORS = (redis_exc.RedisError, ConnectionError, OSError)
 PROGRESS_EVERY_S = 2.0  # a turn with no text yet says it is alive this often (TurnProgress)
 ENGINE_STALL_S = 60.0  # an engine thread that has not come round for this long is stuck
+BYTES_PER_TOKEN = 3  # a message's token count before it is tokenised (on the engine thread), for estimates
+
+
+def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> float:
+    """How long a new turn would wait for its first token: everything queued for ingestion ahead of it, and its
+    own message, at the recent ingest rate, plus one step. 0 before the engine has measured anything."""
+    if not snapshot.prefill_tokens_per_s:
+        return 0.0
+    tokens = snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN
+    return tokens / snapshot.prefill_tokens_per_s + (snapshot.step_s or 0.0)
 
 
 class Admission:
@@ -121,6 +142,19 @@ class Turns:
             if queued:
                 self.admission.leave()
 
+    async def refuse_if_late(self, message_bytes: int, deadline_unix: float) -> None:
+        """Overload: a turn that could not start before its deadline is refused now, with a retry hint, instead of
+        taking engine time and failing at its deadline (so the turns accepted finish and goodput stays up)."""
+        estimate = first_token_estimate_s(await self.loop.submit(Snapshot()), message_bytes)
+        budget = deadline_unix - time.time()
+        if estimate > budget:
+            self.metrics.count("refused_early")
+            raise ResourceExhausted(
+                f"this replica is overloaded: the turn would wait about {estimate:.0f}s for its first token, past its "
+                "deadline; retry shortly",
+                retry_after_s=min(30.0, max(1.0, estimate - budget)),
+            )
+
     # ---- a turn
     async def run(self, record: SessionRecord, epoch: int, text: str, params: GenerationParams,
                   deadline_unix: float | None) -> AsyncIterator[TurnEvent]:
@@ -129,6 +163,8 @@ class Turns:
             raise SessionBusy(f"session {sid} is still replying to a previous message")
         self.active.add(sid)
         try:
+            if deadline_unix is not None:
+                await self.refuse_if_late(len(text.encode()), deadline_unix)
             await self.make_resident(record, epoch, deadline_unix)
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
             started = self.loop.submit(StartTurn(sid, epoch, text, params, sink))

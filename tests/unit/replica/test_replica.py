@@ -10,6 +10,7 @@ import pytest
 
 from sinkserve.errors import NotOwner, ResourceExhausted, SinkServeError
 from sinkserve.protocol import GenerationParams, TurnDelta, TurnFinished
+from sinkserve.replica.loop import Snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -319,3 +320,26 @@ async def test_a_long_ingest_sends_progress_before_its_text(make_engine, make_re
     kinds = [type(e).__name__ for e in events]
     assert "TurnProgress" in kinds and kinds.index("TurnProgress") < kinds.index("TurnDelta")
     assert isinstance(events[-1], TurnFinished) and all(e.waited_s >= 0 for e in events if isinstance(e, TurnProgress))
+
+
+async def test_an_overloaded_replica_refuses_a_turn_it_cannot_start_before_its_deadline(make_engine, make_replica):
+    """Issue 11 item 12: with a long ingest queued ahead, a turn whose deadline comes first is refused at once
+    (RESOURCE_EXHAUSTED with a retry hint, nothing recorded) instead of failing at its deadline."""
+    import time
+
+    engine = make_engine(prefill_chunk=8, max_step_tokens=8)
+    replica = await make_replica(engine)
+    busy_sid, sid = await new_sessions(replica, 2)
+    backlog = asyncio.create_task(turn(replica, busy_sid, "lorem ipsum " * 20_000, GenerationParams(max_tokens=1)))
+    while (await replica.loop.submit(Snapshot())).prefill_tokens_per_s is None:  # the engine has measured its rate
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="overloaded") as refused:
+        await turn(replica, sid, "hello?", deadline_unix=time.time() + 0.5)
+    assert time.monotonic() - started < 0.5 and refused.value.retry_after_s >= 1
+    assert await replica.store.sessions.transcript_len(sid) == 0
+    # Without a deadline that tight the same turn is accepted (it waits its turn).
+    backlog.cancel()
+    await asyncio.gather(backlog, return_exceptions=True)
+    events = await turn(replica, sid, "hello?", deadline_unix=time.time() + 60)
+    assert events[-1].turn == 1
