@@ -8,6 +8,7 @@ this step), `runner` (the slab, forward and sampling), `output` (text deltas), `
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 
 import torch
@@ -16,10 +17,10 @@ from sinkserve.config import EngineConfig
 from sinkserve.engine import eval as scoring
 from sinkserve.engine.chat_format import ChatFormat
 from sinkserve.engine.kv_cache import SlabGeometry
-from sinkserve.engine.output import Detokenizer, TokenOutput
+from sinkserve.engine.output import Detokenizer, StepStats, TokenOutput
 from sinkserve.engine.residency import Residency
 from sinkserve.engine.runner import ModelRunner
-from sinkserve.engine.scheduler import Scheduler, StepPlan
+from sinkserve.engine.scheduler import Scheduler
 from sinkserve.engine.sessions import Session, SessionTable
 from sinkserve.engine.step_inputs import RowInput
 from sinkserve.errors import ContextOverflow, InvalidArgument, NoFreeSlot, SessionBusy
@@ -48,7 +49,7 @@ class Engine:
         self.sessions = SessionTable()
         self.chat_format = ChatFormat(tokenizer)
         self.steps_run = 0
-        self.last_plan: StepPlan | None = None  # what the latest step ran (for step metrics)
+        self.last_step: StepStats | None = None  # what the latest step ran and where its time went
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -207,6 +208,7 @@ class Engine:
 
     def step(self) -> list[TokenOutput]:
         """One batched forward over every session that is ingesting or generating."""
+        self.last_step = None
         plan = self.scheduler.plan(self.sessions.all(), self.residency.slot)
         if not plan:
             return []
@@ -216,9 +218,10 @@ class Engine:
                      "last" if row.ends_prompt else "none")
             for row in plan.rows
         ]
+        started = time.perf_counter()
         logits = self.runner.forward(inputs)
+        forwarded = time.perf_counter()
         self.steps_run += 1
-        self.last_plan = plan
         sampling: list[tuple[Session, torch.Tensor]] = []
         for row, row_logits in zip(plan.rows, logits):
             session = self.sessions.get(row.session_id)
@@ -227,15 +230,20 @@ class Engine:
             elif not session.ingested(len(row.ids)):
                 continue
             sampling.append((session, row_logits[-1]))
-        if not sampling:
-            return []
-        slots = [self.residency.slot(s.id) for s, _ in sampling]
-        tokens = self.runner.sample(slots, torch.stack([row for _, row in sampling]))
-        close = self.chat_format.close_ids
-        return [
-            s.emit(token, self.eos_ids, close, self.policy == "dense" and s.fed + len(s.feed) + 1 >= self.capacity)
-            for (s, _), token in zip(sampling, tokens)
-        ]
+        outputs, sampled = [], forwarded
+        if sampling:
+            slots = [self.residency.slot(s.id) for s, _ in sampling]
+            tokens = self.runner.sample(slots, torch.stack([row for _, row in sampling]))
+            sampled = time.perf_counter()
+            close = self.chat_format.close_ids
+            outputs = [
+                s.emit(token, self.eos_ids, close, self.policy == "dense" and s.fed + len(s.feed) + 1 >= self.capacity)
+                for (s, _), token in zip(sampling, tokens)
+            ]
+        done = time.perf_counter()
+        self.last_step = StepStats(plan.decode_rows, plan.prefill_tokens, forwarded - started, sampled - forwarded,
+                                   done - sampled)
+        return outputs
 
     # ------------------------------------------------------------------ scoring
     def score(self, ids: list[int], chunk: int | None = None, progress=None) -> scoring.ScoreResult:

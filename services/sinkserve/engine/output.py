@@ -11,6 +11,18 @@ from dataclasses import dataclass
 from sinkserve.protocol import FinishReason
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one step ran and where its time went (wall seconds; the forward's time includes the device's work
+    only where the sampling step waits for it, as on a GPU)."""
+
+    decode_rows: int
+    prefill_tokens: int
+    forward_s: float
+    sample_s: float
+    output_s: float  # session bookkeeping, detokenising, stop strings
+
+
 @dataclass
 class TokenOutput:
     """One step's result for one session that is generating."""

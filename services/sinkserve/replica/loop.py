@@ -13,6 +13,7 @@ half-done: the command either runs whole or not at all, and residency is recorde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sinkserve.engine import Engine, TokenOutput
+from sinkserve.engine.output import StepStats
 from sinkserve.errors import ReplicaUnavailable, SessionNotFound
 from sinkserve.protocol import GenerationParams, SessionView
 
@@ -139,6 +141,7 @@ class EngineSnapshot:
     pending_prompt_tokens: int  # message ids waiting to be ingested
     step_s: float | None  # moving average of a step's wall time (None before the first step)
     prefill_tokens_per_s: float | None  # moving average of the ingest rate of steps that ingested
+    totals: "LoopTotals"  # a copy
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,39 @@ class Snapshot:
             parked=len(residency.parked()), busy=sum(s.busy for s in engine.sessions.all()),
             parks=residency.stats.parks, unparks=residency.stats.unparks, drops=residency.stats.drops,
             steps=loop.steps, pending_prompt_tokens=engine.pending_prompt_tokens(), step_s=loop.timing.step_s,
-            prefill_tokens_per_s=loop.timing.prefill_tokens_per_s,
+            prefill_tokens_per_s=loop.timing.prefill_tokens_per_s, totals=dataclasses.replace(loop.totals),
         )
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoopTotals:
+    """Where the engine thread's time went since the loop started (seconds), and what its steps held. The parts
+    add up to the thread's wall time, less the loop's own bookkeeping."""
+
+    steps: int = 0
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    output_s: float = 0.0  # session bookkeeping, detokenising, stop strings
+    step_other_s: float = 0.0  # the rest of a step: planning, step inputs
+    deliver_s: float = 0.0  # handing each step's outputs to the turns' queues
+    commands: int = 0
+    commands_s: float = 0.0  # residency moves (park, unpark, rebuild), turn starts and aborts, views
+    idle_s: float = 0.0  # waiting for a command with no work
+
+    def add_step(self, step: StepStats, step_s: float, deliver_s: float) -> None:
+        self.steps += 1
+        self.decode_rows += step.decode_rows
+        self.prefill_tokens += step.prefill_tokens
+        self.forward_s += step.forward_s
+        self.sample_s += step.sample_s
+        self.output_s += step.output_s
+        self.step_other_s += max(0.0, step_s - step.forward_s - step.sample_s - step.output_s)
+        self.deliver_s += deliver_s
+
+
 @dataclass
 class StepTiming:
     """Moving averages over the engine's recent steps: what admission estimates a new turn's wait from."""
@@ -192,6 +223,8 @@ class EngineLoop:
         self.error: BaseException | None = None
         self.steps = 0
         self.timing = StepTiming()
+        self.totals = LoopTotals()
+        self.started = time.perf_counter()  # when the engine thread began (reset by it)
         self.last_beat = time.monotonic()
 
     def start(self) -> "EngineLoop":
@@ -222,6 +255,7 @@ class EngineLoop:
 
     # ---- engine thread
     def _run(self) -> None:
+        self.started = time.perf_counter()
         try:
             while True:
                 if not self._run_commands(block=not self.engine.has_work()):
@@ -229,11 +263,14 @@ class EngineLoop:
                 if self.engine.has_work():
                     started = time.perf_counter()
                     outputs = self.engine.step()
-                    plan = self.engine.last_plan
-                    self.timing.observe(time.perf_counter() - started, plan.prefill_tokens if plan else 0)
-                    self.steps += 1
+                    stepped = time.perf_counter()
                     for out in outputs:
                         self._deliver(out)
+                    self.steps += 1
+                    step = self.engine.last_step
+                    if step is not None:
+                        self.timing.observe(stepped - started, step.prefill_tokens)
+                        self.totals.add_step(step, stepped - started, time.perf_counter() - stepped)
                 self.last_beat = time.monotonic()
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
             logger.exception("engine loop died")
@@ -245,14 +282,26 @@ class EngineLoop:
 
     def _run_commands(self, block: bool) -> bool:
         """Run queued commands; False when asked to stop."""
+        waited = time.perf_counter()
         try:
             item = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
+            self.totals.idle_s += time.perf_counter() - waited if block else 0.0
             return True
+        started = time.perf_counter()
+        if block:
+            self.totals.idle_s += started - waited
+        try:
+            return self._run_queued(item)
+        finally:
+            self.totals.commands_s += time.perf_counter() - started
+
+    def _run_queued(self, item: Any) -> bool:
         while True:
             if item is _STOP:
                 self._fail_pending()
                 return False
+            self.totals.commands += 1
             try:
                 result = item.command.run(self.engine, self)
             except Exception as err:  # noqa: BLE001 - the caller gets the error

@@ -6,7 +6,11 @@ snapshot, so the replica keeps no second count of them.
 
 from __future__ import annotations
 
-from sinkserve.replica.loop import EngineSnapshot
+from sinkserve.replica.loop import EngineSnapshot, LoopTotals
+
+ENGINE_PARTS = ("forward_s", "sample_s", "output_s", "step_other_s", "deliver_s", "commands_s", "idle_s")
+TURN_PHASES = ("queue_s", "first_token_s", "decode_s", "commit_s")
+TURN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 COUNTERS = (
     ("parks", "idle sessions whose cache moved to host memory"),
@@ -21,6 +25,7 @@ class ReplicaMetrics:
     def __init__(self, replica_id: str):
         self.tags = {"replica": replica_id}
         self._published = dict.fromkeys((name for name, _ in COUNTERS), 0)
+        self._engine_published = LoopTotals()
         try:
             from ray.util import metrics
         except ImportError:  # pragma: no cover - the replica always runs with Ray installed
@@ -36,18 +41,50 @@ class ReplicaMetrics:
             name: metrics.Counter(f"sinkserve_replica_{name}_total", help_text, tag_keys=keys)
             for name, help_text in COUNTERS
         }
+        self._engine_seconds = metrics.Counter(
+            "sinkserve_replica_engine_seconds_total", "engine thread time by part (forward, sample, output, ...)",
+            tag_keys=("replica", "part"),
+        )
+        self._step_work = metrics.Counter(
+            "sinkserve_replica_step_rows_total", "what the engine's steps held: decode rows and prefill tokens",
+            tag_keys=("replica", "kind"),
+        )
+        self._turn_phase = metrics.Histogram(
+            "sinkserve_replica_turn_phase_seconds", "time a turn spent in each phase (queue, first token, decode, "
+            "commit)", boundaries=list(TURN_BUCKETS_S), tag_keys=("replica", "phase"),
+        )
 
     def count(self, name: str, value: int = 1) -> None:
         self._published[name] += value
         if self._sessions is not None and value:
             self._counters[name].inc(value, tags=self.tags)
 
-    def publish(self, snapshot: EngineSnapshot, active: int, waiting: int) -> None:
-        """Gauges from the snapshot, and the residency counters moved on by what the engine counted since."""
-        for name in ("parks", "unparks", "drops"):
-            self.count(name, getattr(snapshot, name) - self._published[name])
+    def counted(self, name: str) -> int:
+        return self._published[name]
+
+    def observe_turn(self, phases: dict[str, float]) -> None:
         if self._sessions is None:
             return
+        for phase in TURN_PHASES:
+            if phase in phases:
+                self._turn_phase.observe(phases[phase], tags={**self.tags, "phase": phase.removesuffix("_s")})
+
+    def publish(self, snapshot: EngineSnapshot, active: int, waiting: int) -> None:
+        """Gauges from the snapshot, and the counters moved on by what the engine counted since."""
+        for name in ("parks", "unparks", "drops"):
+            self.count(name, getattr(snapshot, name) - self._published[name])
+        totals, before = snapshot.totals, self._engine_published
+        self._engine_published = totals
+        if self._sessions is None:
+            return
+        for part in ENGINE_PARTS:
+            delta = getattr(totals, part) - getattr(before, part)
+            if delta > 0:
+                self._engine_seconds.inc(delta, tags={**self.tags, "part": part.removesuffix("_s")})
+        for kind in ("decode_rows", "prefill_tokens"):
+            delta = getattr(totals, kind) - getattr(before, kind)
+            if delta > 0:
+                self._step_work.inc(delta, tags={**self.tags, "kind": kind})
         for state, value in (("resident", snapshot.resident), ("parked", snapshot.parked), ("active", active)):
             self._sessions.set(value, tags={**self.tags, "state": state})
         self._free.set(snapshot.free_slots, tags=self.tags)

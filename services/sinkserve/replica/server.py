@@ -146,8 +146,11 @@ class SinkServeReplica:
         if snapshot is None:
             return LoadReport(replica_id=self.replica_id, slots=self.engine.slots, **self_state)
         self.metrics.publish(snapshot, active=len(self.turns.active), waiting=self.turns.admission.waiting)
+        loop_totals = dataclasses.asdict(snapshot.totals)
+        loop_totals.pop("steps")  # the snapshot's own count
         return LoadReport(
             replica_id=self.replica_id, sessions=snapshot.resident, free_slots=snapshot.free_slots,
             slots=snapshot.slots, parked=snapshot.parked, parks=snapshot.parks, unparks=snapshot.unparks,
-            drops=snapshot.drops, steps=snapshot.steps, **self_state,
+            drops=snapshot.drops, steps=snapshot.steps, refused_early=self.metrics.counted("refused_early"),
+            **loop_totals, **dataclasses.asdict(self.turns.totals), **self_state,
         )

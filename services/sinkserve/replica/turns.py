@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from redis import exceptions as redis_exc
 
@@ -59,6 +60,23 @@ def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> floa
         return 0.0
     tokens = snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN
     return tokens / snapshot.prefill_tokens_per_s + (snapshot.step_s or 0.0)
+
+
+@dataclass
+class TurnTotals:
+    """Where this replica's turns spent their time since it started (seconds, summed over turns)."""
+
+    turns: int = 0
+    queue_s: float = 0.0  # from arrival until the cache is in a slot (admission wait, park/unpark/rebuild)
+    first_token_s: float = 0.0  # from then until the first text (ingesting the message)
+    decode_s: float = 0.0  # from the first text until the last token
+    commit_s: float = 0.0  # appending the turn to the transcript in Redis
+    rebuild_read_s: float = 0.0  # reading transcript ends for rebuilds
+
+    def add(self, phases: dict[str, float]) -> None:
+        self.turns += 1
+        for name, seconds in phases.items():
+            setattr(self, name, getattr(self, name) + seconds)
 
 
 class Admission:
@@ -116,6 +134,7 @@ class Turns:
         self.on_lost = on_lost  # the session must not be served from this replica's cache again
         self.active: set[str] = set()
         self.rebuilt = 0
+        self.totals = TurnTotals()
 
     # ---- residency
     async def make_resident(self, record: SessionRecord, epoch: int, deadline_unix: float | None = None) -> None:
@@ -128,7 +147,9 @@ class Turns:
                 try:
                     if await self.loop.submit(Acquire(sid, epoch)):
                         return
+                    read_started = time.perf_counter()
                     ids, total = await self.store.sessions.transcript_ends(sid, self.sinks, self.window)
+                    self.totals.rebuild_read_s += time.perf_counter() - read_started
                     if await self.loop.submit(Rebuild(sid, epoch, ids, total, record.system_prompt or None)):
                         self.rebuilt += 1
                         self.metrics.count("rebuilds")
@@ -165,16 +186,28 @@ class Turns:
         try:
             if deadline_unix is not None:
                 await self.refuse_if_late(len(text.encode()), deadline_unix)
+            arrived = time.perf_counter()
             await self.make_resident(record, epoch, deadline_unix)
+            phases = {"queue_s": time.perf_counter() - arrived}
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
             started = self.loop.submit(StartTurn(sid, epoch, text, params, sink))
             finished = False
             try:
                 await asyncio.shield(started)
+                resident = first_text = time.perf_counter()
                 async for event in self._stream(sink, deadline_unix):
+                    if isinstance(event, TurnDelta) and "first_token_s" not in phases:
+                        first_text = time.perf_counter()
+                        phases["first_token_s"] = first_text - resident
                     if isinstance(event, TokenOutput):
                         finished = True
+                        ended = time.perf_counter()
+                        phases.setdefault("first_token_s", ended - resident)
+                        phases["decode_s"] = ended - max(first_text, resident)
                         turns = await asyncio.shield(self._commit(record, epoch, event))
+                        phases["commit_s"] = time.perf_counter() - ended
+                        self.totals.add(phases)
+                        self.metrics.observe_turn(phases)
                         yield TurnFinished(
                             finish_reason=event.finish_reason or "eos", prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens, turn=turns, replica=self.replica_id,

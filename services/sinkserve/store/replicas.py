@@ -31,6 +31,25 @@ class LoadReport:
     waiting: int = 0  # turns waiting for a slot now
     steps: int = 0  # engine steps run
     pid: int = 0
+    refused_early: int = 0  # turns refused at once: they could not start before their deadline
+    # Where the engine thread's time went since the replica started (seconds) and what its steps held.
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    output_s: float = 0.0
+    step_other_s: float = 0.0
+    deliver_s: float = 0.0
+    commands: int = 0
+    commands_s: float = 0.0
+    idle_s: float = 0.0
+    # Where its turns spent their time (seconds, summed over finished turns).
+    turns: int = 0
+    queue_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    commit_s: float = 0.0
+    rebuild_read_s: float = 0.0
     reported_ms: int = 0
 
 

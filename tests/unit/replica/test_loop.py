@@ -101,3 +101,28 @@ async def test_a_dead_loop_fails_running_turns_and_every_later_command(make_engi
     assert not loop.alive and isinstance(loop.error, RuntimeError)
     with pytest.raises(ReplicaUnavailable):
         loop.submit(Snapshot())
+
+
+async def test_step_metrics_add_up_to_the_engine_threads_time(loop):
+    """Where the engine thread's time went: the parts (forward, sampling, output, the rest of each step, handing
+    tokens on, commands, idle) add up to its wall time within 5% (the loop's own bookkeeping is the rest)."""
+    import time
+
+    for i in range(2):
+        await loop.submit(Rebuild(f"s{i}", 0, [], 0, None))
+    sinks = [sink() for _ in range(2)]
+    for i, out in enumerate(sinks):
+        await loop.submit(StartTurn(f"s{i}", 0, "count to ten " * (i + 1), GenerationParams(max_tokens=20,
+                                                                                          ignore_eos=True), out))
+    for out in sinks:
+        await finish(out)
+    await asyncio.sleep(0.6)  # some idle time too
+    snapshot = await loop.submit(Snapshot())
+    wall = time.perf_counter() - loop.started
+    totals = snapshot.totals
+    parts = (totals.forward_s + totals.sample_s + totals.output_s + totals.step_other_s + totals.deliver_s
+             + totals.commands_s + totals.idle_s)
+    assert 0.95 * wall <= parts <= wall
+    assert totals.steps == snapshot.steps >= 20 and totals.decode_rows >= 2 * 19
+    assert totals.prefill_tokens > 0 and totals.commands >= 5 and totals.idle_s > 0.3
+    assert snapshot.step_s > 0 and snapshot.prefill_tokens_per_s > 0

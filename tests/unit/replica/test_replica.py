@@ -137,6 +137,9 @@ async def test_parked_sessions_resume_exactly_and_are_reported(make_engine, make
     report = await replica.stats()
     assert (report.parked, report.sessions, report.rebuilt) == (3, 2, 0)
     assert report.parks >= 6 and report.unparks >= 3
+    # Where the turns' time went, summed: ten finished turns, each with a queue, ingest, decode and commit phase.
+    assert report.turns == 10 and min(report.queue_s, report.first_token_s, report.decode_s, report.commit_s) > 0
+    assert report.forward_s > 0 and report.decode_rows >= 10 * 11 and report.prefill_tokens > 0
 
 
 async def test_full_slots_queue_then_refuse_with_retry_hint(make_engine, make_replica):
