@@ -81,7 +81,6 @@ def test_more_chats_than_slots_resume_from_parking(short_run):
     head = short_run["run"]["headline"]
     state = head["replica_state"]
     assert head["more_sessions_than_slots"], (head["sessions_served"], state["total_slots"])
-    assert state["parking_supported"], state["counters"]
     # Idle chats gave their slots up and came back from host memory on their next turn.
     assert state["parked_and_resumed"], state["counters"]
     # Resumed sessions kept their history: no TRANSCRIPT failure and every final check matched.

@@ -74,6 +74,10 @@ class Rebuild:
         return False
 
 
+class NotLoaded(SessionNotFound):
+    """The session is not in this engine (under that epoch): load it first."""
+
+
 @dataclass(frozen=True)
 class StartTurn:
     session_id: str
@@ -84,7 +88,7 @@ class StartTurn:
 
     def run(self, engine: Engine, loop: "EngineLoop") -> None:
         if not engine.has_session(self.session_id, self.epoch):
-            raise SessionNotFound(f"session {self.session_id} is not loaded on this replica")
+            raise NotLoaded(f"session {self.session_id} is not loaded on this replica")
         engine.add_message(self.session_id, self.text, self.params)
         loop.subscribers[self.session_id] = self.sink
 

@@ -32,6 +32,7 @@ from sinkserve.errors import (
 from sinkserve.protocol import GenerationParams, TurnDelta, TurnEvent, TurnFinished, TurnProgress
 from sinkserve.replica.loop import (
     AbortTurn,
+    NotLoaded,
     Acquire,
     CloseSession,
     EngineLoop,
@@ -49,6 +50,7 @@ logger = logging.getLogger("sinkserve.replica")
 
 STORE_ERRORS = (redis_exc.RedisError, ConnectionError, OSError)
 PROGRESS_EVERY_S = 2.0  # a turn with no text yet says it is alive this often (TurnProgress)
+START_ATTEMPTS = 20  # loads of one turn's session that others may undo before it starts
 ENGINE_STALL_S = 60.0  # an engine thread that has not come round for this long is stuck
 BYTES_PER_TOKEN = 3  # a message's token count before it is tokenised (on the engine thread), for estimates
 
@@ -187,13 +189,24 @@ class Turns:
             if deadline_unix is not None:
                 await self.refuse_if_late(len(text.encode()), deadline_unix)
             arrived = time.perf_counter()
-            await self.make_resident(record, epoch, deadline_unix)
-            phases = {"queue_s": time.perf_counter() - arrived}
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
-            started = self.loop.submit(StartTurn(sid, epoch, text, params, sink))
+            started: asyncio.Future | None = None
             finished = False
             try:
-                await asyncio.shield(started)
+                for _ in range(START_ATTEMPTS):
+                    await self.make_resident(record, epoch, deadline_unix)
+                    # Another turn's load may park (or drop) this idle session before its own turn starts: then
+                    # it is loaded again, waiting for a slot if need be.
+                    started = self.loop.submit(StartTurn(sid, epoch, text, params, sink))
+                    try:
+                        await asyncio.shield(started)
+                        break
+                    except (NoFreeSlot, NotLoaded):
+                        continue
+                else:
+                    raise ResourceExhausted("the replica's cache slots are too contended; retry shortly",
+                                            retry_after_s=1.0)
+                phases = {"queue_s": time.perf_counter() - arrived}
                 resident = first_text = time.perf_counter()
                 async for event in self._stream(sink, deadline_unix):
                     if isinstance(event, TurnDelta) and "first_token_s" not in phases:
@@ -260,7 +273,7 @@ class Turns:
                 yield TurnDelta(text, tokens)
 
     async def _abort_and_record(self, record: SessionRecord, epoch: int, sink: TurnSink,
-                                started: asyncio.Future) -> None:
+                                started: asyncio.Future | None) -> None:
         sid = record.session_id
         try:
             final = await self.loop.submit(AbortTurn(sid))
@@ -271,7 +284,7 @@ class Turns:
             if isinstance(item, TokenOutput) and item.finished:
                 final = item
         if final is None:
-            if started.done() and not started.cancelled() and started.exception() is None:
+            if started is not None and started.done() and not started.cancelled() and started.exception() is None:
                 await self.drop(sid)  # a turn ran but left no record: rebuild from the log to be safe
             return  # the turn never started: the cache is as the transcript says
         try:

@@ -346,3 +346,29 @@ async def test_an_overloaded_replica_refuses_a_turn_it_cannot_start_before_its_d
     await asyncio.gather(backlog, return_exceptions=True)
     events = await turn(replica, sid, "hello?", deadline_unix=time.time() + 60)
     assert events[-1].turn == 1
+
+
+async def test_a_session_parked_again_before_its_turn_starts_is_loaded_again(make_engine, make_replica):
+    """Two loads undo each other (each parks the other's idle session) before either turn starts: both turns still
+    run (the later waits for a slot) instead of one failing RESOURCE_EXHAUSTED: the short load test's failure."""
+    engine = make_engine(slots=2)
+    replica = await make_replica(engine)
+    generating, idle, target = await new_sessions(replica, 3)
+    for sid in (target, idle):
+        await turn(replica, sid, "warm up")
+    busy = asyncio.create_task(turn(replica, generating, "go on", ENDLESS))  # parks the target, least recent
+    while not (engine.has_session(generating) and engine.session_view(generating).busy):
+        await asyncio.sleep(0.01)
+    assert engine.residency.is_parked(target) and engine.residency.is_resident(idle)
+    release, held = await hold_engine(replica)
+    turns = [asyncio.create_task(turn(replica, sid, "now")) for sid in (target, idle)]
+    while replica.loop.pending < 2:
+        await asyncio.sleep(0.01)
+    release.set()
+    await held
+    await asyncio.sleep(0.5)
+    busy.cancel()  # a slot frees up for the turn that had to wait
+    await asyncio.gather(busy, return_exceptions=True)
+    results = await asyncio.gather(*turns)
+    assert [r[-1].turn for r in results] == [2, 2]
+    assert_slots_accounted(engine)
