@@ -138,8 +138,15 @@ class RedisConfig(_Section):
 class LimitsConfig(_Section):
     """Defaults for a new tenant's quotas (each tenant may override them)."""
 
-    max_sessions: int = Field(1000, ge=1)
-    tokens_per_minute: int = Field(200_000, ge=1)
+    max_sessions: int = Field(1000, ge=1, description="live sessions a tenant may hold")
+    tokens_per_minute: int = Field(
+        200_000, ge=1, description="tokens (prompt + reply) a tenant may use per minute; a turn reserves its worst "
+        "case (message bytes + template allowance + max_tokens) before it starts"
+    )
+    requests_per_second: float = Field(
+        100.0, gt=0, description="a tenant's sustained rate of RPCs (token bucket); more get RESOURCE_EXHAUSTED"
+    )
+    request_burst: int = Field(400, ge=1, description="RPCs a tenant may send at once above its sustained rate")
 
 
 class GatewayConfig(_Section):
@@ -147,6 +154,13 @@ class GatewayConfig(_Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
     max_message_bytes: int = Field(32_768, ge=1, description="larger user messages get INVALID_ARGUMENT")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound a request may ask for")
+    max_top_k: int = Field(
+        65_536, ge=1, description="upper bound of top_k (the replica also refuses one above its vocabulary size)"
+    )
+    turn_lease_s: float = Field(
+        6.0, gt=0, description="a turn's session lock (and token reservation) lapses this long after its gateway "
+        "stops renewing it (renewed every third of it while the turn streams)"
+    )
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
 

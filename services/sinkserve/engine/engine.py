@@ -170,6 +170,8 @@ class Engine:
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument("message is empty")
         params = params or GenerationParams()
+        if params.top_k > self.runner.vocab_size:
+            raise InvalidArgument(f"top_k must be between 0 and the vocabulary size ({self.runner.vocab_size})")
         ids = self.chat_format.user_ids(text)
         if self.policy == "dense" and s.fed + len(s.feed) + len(ids) + params.max_tokens > self.capacity:
             raise ContextOverflow(

@@ -148,15 +148,19 @@ class ServeBackend:
         return await self._unary("delete", session_id=session_id)
 
     async def chat(
-        self, session_id: str, text: str, params: GenerationParams, deadline_unix: float | None
+        self, session_id: str, text: str, params: GenerationParams, deadline_unix: float | None,
+        turn_id: str | None = None, request_id: str | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        """Stream one turn's events. Cancelling the consumer cancels the replica's generator (it aborts the turn)."""
+        """Stream one turn's events. Cancelling the consumer cancels the replica's generator (it aborts the turn).
+        `turn_id` names the turn's session lock, which the replica watches (a turn whose lock lapsed, its gateway
+        gone, is stopped); `request_id`, the client's idempotency key, is recorded with the turn."""
         streaming = self.handle.options(stream=True)
         retry = _Retry(self.retry_budget_s)
         what = f"chat({session_id})"
         while True:
             generator = streaming.chat.remote(
-                session_id=session_id, text=text, params=params, deadline_unix=deadline_unix
+                session_id=session_id, text=text, params=params, deadline_unix=deadline_unix, turn_id=turn_id,
+                request_id=request_id,
             )
             produced = False
             try:

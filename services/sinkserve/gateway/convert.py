@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 from sinkserve.errors import InvalidArgument
 from sinkserve.protocol import FinishReason, SessionView, TurnDelta, TurnEvent, TurnFinished
-from sinkserve.store import SessionRecord
+from sinkserve.store import SessionRecord, TurnRecord
 from sinkserve.v1 import sinkserve_pb2 as pb
 
 # GenerationSettings fields with proto3 `optional` presence, and the repeated one. Their names are
@@ -86,9 +86,42 @@ def turn_event_to_pb(event: TurnEvent) -> Iterator[pb.SendMessageEvent]:
     )
 
 
+def replay_to_pb(turn: TurnRecord) -> Iterator[pb.SendMessageEvent]:
+    """A recorded turn sent again to a retry of its request id: its whole text, then `finished` (replayed)."""
+    if turn.text:
+        yield pb.SendMessageEvent(delta=pb.TextDelta(text=turn.text))
+    yield pb.SendMessageEvent(
+        finished=pb.TurnFinished(
+            finish_reason=finish_reason_to_pb(turn.finish_reason),
+            usage=_usage(turn.prompt_tokens, turn.completion_tokens),
+            turn=turn.turn,
+            replica=turn.replica,
+            replayed=True,
+        )
+    )
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> pb.TokenUsage:
+    return pb.TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
+
+
+def recorded_turn_to_pb(turn: TurnRecord) -> pb.RecordedTurn:
+    return pb.RecordedTurn(
+        turn=turn.turn,
+        text=turn.text,
+        finish_reason=finish_reason_to_pb(turn.finish_reason),
+        finished=turn.finished,
+        usage=_usage(turn.prompt_tokens, turn.completion_tokens),
+        request_id=turn.request_id,
+        replica=turn.replica,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- sessions
-def session_to_pb(record: SessionRecord, view: SessionView | None = None, busy: bool = False) -> pb.Session:
-    """The registry's record, with the owner replica's view of the cache when there is one."""
+def session_to_pb(record: SessionRecord, view: SessionView | None = None, busy: bool = False,
+                  last_turn: TurnRecord | None = None) -> pb.Session:
+    """The registry's record, with the owner replica's view of the cache and the last turn when there are."""
     return pb.Session(
         session_id=record.session_id,
         turns=record.turns,
@@ -101,6 +134,7 @@ def session_to_pb(record: SessionRecord, view: SessionView | None = None, busy: 
         default_settings=fields_to_settings(record.defaults),
         labels=record.labels,
         system_prompt=record.system_prompt,
+        last_turn=recorded_turn_to_pb(last_turn) if last_turn is not None else None,
     )
 
 

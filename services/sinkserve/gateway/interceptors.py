@@ -11,9 +11,10 @@
 Every error answer carries a ``request-id`` trailer; the server log has the details under that id. Messages never
 carry internals (tracebacks, actor ids, pids, addresses, exception class names).
 
-``AuthInterceptor`` reads ``authorization: Bearer <api key>``, authenticates it against the store's tenants and
-refuses with UNAUTHENTICATED before the handler runs; the handler reads the tenant with ``current_tenant()``.
-The health and reflection services need no key.
+``AuthInterceptor`` reads ``authorization: Bearer <api key>`` (exactly one such header), authenticates it against
+the store's tenants and refuses with UNAUTHENTICATED before the handler runs; then it takes the call from the
+tenant's request-rate bucket (RESOURCE_EXHAUSTED with ``retry-after-ms`` when it is empty). The handler reads the
+tenant with ``current_tenant()``. The health and reflection services need no key and are not rate-limited.
 
 Both wrap the method handler's behaviour (a new ``grpc.RpcMethodHandler`` of the same kind), so they work for
 unary and streaming responses alike and see the handler's exceptions, not just its lookup.
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple
 import grpc
 from redis import exceptions as redis_exc
 
-from sinkserve.errors import NotOwner, Unauthenticated, find_error
+from sinkserve.errors import NotOwner, ResourceExhausted, Unauthenticated, find_error
 from sinkserve.store import Tenant, Tenants
 
 logger = logging.getLogger("sinkserve.gateway")
@@ -199,13 +200,17 @@ def new_request_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- auth
+class DuplicateAuthorization(Unauthenticated):
+    """More than one ``authorization`` header: refused rather than letting one of them win."""
+
+
 def bearer_key(metadata: Any) -> str | None:
-    """The API key of `authorization: Bearer <key>`, or None."""
-    header = ""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            header = value.decode() if isinstance(value, bytes) else value
-            break
+    """The API key of `authorization: Bearer <key>`, or None; DuplicateAuthorization for two headers or more."""
+    headers = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if len(headers) > 1:
+        raise DuplicateAuthorization("more than one 'authorization' header: send exactly one")
+    header = headers[0] if headers else ""
+    header = header.decode() if isinstance(header, bytes) else header
     scheme, _, api_key = header.strip().partition(" ")
     api_key = api_key.strip()
     if scheme.lower() != "bearer" or not api_key:
@@ -228,6 +233,13 @@ class AuthInterceptor(_WrappingInterceptor):
         tenant = await self.tenants.authenticate(api_key)
         if tenant is None:
             raise Unauthenticated("unknown API key")
+        wait_s = await self.tenants.take_request(tenant)
+        if wait_s is not None:
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} is over its request rate ({tenant.requests_per_second:g}/s, burst "
+                f"{tenant.request_burst}); retry in {wait_s:.2f}s",
+                retry_after_s=wait_s,
+            )
         return tenant
 
     def _call(self, behaviour, method):

@@ -96,11 +96,14 @@ class SinkServeReplica:
         return await self.info(session_id=session_id)
 
     async def chat(self, session_id: str, text: str, params: GenerationParams,
-                   deadline_unix: float | None = None) -> AsyncIterator[TurnEvent]:
-        """One turn: TurnDelta events, then TurnFinished once the turn is in the transcript."""
+                   deadline_unix: float | None = None, turn_id: str | None = None,
+                   request_id: str | None = None) -> AsyncIterator[TurnEvent]:
+        """One turn: TurnDelta events, then TurnFinished once the turn is in the transcript. `turn_id`: the session
+        lock the gateway holds for it (the turn stops once that lapses); `request_id`: recorded with the turn."""
         record = await self._record(session_id)
         epoch = await self.ownership.ensure(record, self._lost)
-        async for event in self.turns.run(record, epoch, text, params, deadline_unix):
+        async for event in self.turns.run(record, epoch, text, params, deadline_unix, turn_id=turn_id,
+                                          request_id=request_id):
             yield event
 
     async def info(self, session_id: str) -> SessionView:

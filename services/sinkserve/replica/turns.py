@@ -3,7 +3,12 @@
 A turn is acknowledged (its `TurnFinished` sent) only after its tokens are in the transcript. Whatever cuts a
 turn short (client hang-up, deadline, a failure), the part of the reply the cache holds is recorded, so the
 transcript and the cache never disagree; if that cannot be done the cache is dropped, to be rebuilt from the
-log. Commits are shielded from cancellation: once started they finish.
+log. Commits are shielded from cancellation: once started they finish. A commit records the turn's result too
+(request id, reply text, finish reason, usage: ``TurnRecord``), so a client retrying with its request id gets it.
+
+A turn started with the gateway's ``turn_id`` watches the session's turn lock, a lease that gateway renews while
+it streams: once the lock lapsed (the gateway died; Ray does not cancel a turn whose caller process died) or went
+to another turn, the turn stops and is recorded as cut (aborted) within LOCK_CHECK_S.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from redis import exceptions as redis_exc
 from sinkserve.config import ReplicaConfig
 from sinkserve.engine import TokenOutput
 from sinkserve.errors import (
+    Aborted,
     DeadlineExceeded,
     Fenced,
     NoFreeSlot,
@@ -44,7 +50,8 @@ from sinkserve.replica.loop import (
     ViewSession,
 )
 from sinkserve.replica.metrics import ReplicaMetrics
-from sinkserve.store import SessionRecord, Store
+from sinkserve.store import SessionRecord, Store, TurnRecord
+from sinkserve.store.sessions import message_digest
 
 logger = logging.getLogger("sinkserve.replica")
 
@@ -52,6 +59,7 @@ STORE_ERRORS = (redis_exc.RedisError, ConnectionError, OSError)
 PROGRESS_EVERY_S = 2.0  # a turn with no text yet says it is alive this often (TurnProgress)
 START_ATTEMPTS = 20  # loads of one turn's session that others may undo before it starts
 ENGINE_STALL_S = 60.0  # an engine thread that has not come round for this long is stuck
+LOCK_CHECK_S = 1.0  # how often a turn checks that its gateway still holds the session's turn lock
 BYTES_PER_TOKEN = 3  # a message's token count before it is tokenised (on the engine thread), for estimates
 
 
@@ -180,7 +188,8 @@ class Turns:
 
     # ---- a turn
     async def run(self, record: SessionRecord, epoch: int, text: str, params: GenerationParams,
-                  deadline_unix: float | None) -> AsyncIterator[TurnEvent]:
+                  deadline_unix: float | None, turn_id: str | None = None,
+                  request_id: str | None = None) -> AsyncIterator[TurnEvent]:
         sid = record.session_id
         if sid in self.active:
             raise SessionBusy(f"session {sid} is still replying to a previous message")
@@ -192,6 +201,9 @@ class Turns:
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
             started: asyncio.Future | None = None
             finished = False
+            reply: list[str] = []  # the reply text so far: recorded with the turn
+            watching = asyncio.Event()
+            watch = asyncio.create_task(self._watch_lock(sid, turn_id, sink, watching)) if turn_id else None
             try:
                 for _ in range(START_ATTEMPTS):
                     await self.make_resident(record, epoch, deadline_unix)
@@ -217,7 +229,8 @@ class Turns:
                         ended = time.perf_counter()
                         phases.setdefault("first_token_s", ended - resident)
                         phases["decode_s"] = ended - max(first_text, resident)
-                        turns = await asyncio.shield(self._commit(record, epoch, event))
+                        turns = await asyncio.shield(self._commit(
+                            record, epoch, event, self._turn_record(event, reply, text, request_id)))
                         phases["commit_s"] = time.perf_counter() - ended
                         self.totals.add(phases)
                         self.metrics.observe_turn(phases)
@@ -227,13 +240,19 @@ class Turns:
                             cache_entries=await self._cache_entries(sid), text=event.text or "",
                         )
                         return
+                    if isinstance(event, TurnDelta):
+                        reply.append(event.text)
                     yield event
             except BaseException:
                 if not finished:
-                    # Cancelled (client hang-up, deadline) or failed: stop generating now and record the part of
-                    # the reply the cache holds, so the transcript and the cache stay the same.
-                    await asyncio.shield(self._abort_and_record(record, epoch, sink, started))
+                    # Cancelled (client hang-up, deadline, the lock lapsed) or failed: stop generating now and record
+                    # the part of the reply the cache holds, so the transcript and the cache stay the same.
+                    await asyncio.shield(self._abort_and_record(record, epoch, sink, started, reply, text, request_id))
                 raise
+            finally:
+                if watch is not None:  # the event too: a cancellation can be lost in a Redis call (gh-86296)
+                    watching.set()
+                    watch.cancel()
         finally:
             self.active.discard(sid)
             await self.admission.released()
@@ -262,6 +281,8 @@ class Turns:
             text, tokens = "", 0
             for item in items:
                 if isinstance(item, BaseException):
+                    if text:  # generated before the stop: part of the recorded reply
+                        yield TurnDelta(text, tokens)
                     raise item
                 if item.finished:
                     if text:
@@ -272,34 +293,62 @@ class Turns:
             if text:
                 yield TurnDelta(text, tokens)
 
+    async def _watch_lock(self, sid: str, turn_id: str, sink: TurnSink, stopped: asyncio.Event) -> None:
+        """Stop the turn once its gateway no longer holds the session's turn lock (see the module docstring)."""
+        while not stopped.is_set():
+            try:
+                async with asyncio.timeout(LOCK_CHECK_S):
+                    await stopped.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                holder = await self.store.sessions.turn_holder(sid)
+            except STORE_ERRORS:
+                continue  # the store's trouble, not the gateway's: the commit will tell
+            if holder != turn_id and not stopped.is_set():
+                logger.info("turn %s of %s stopped: its session lock lapsed (its gateway is gone)", turn_id, sid)
+                sink.queue.put_nowait(Aborted("the turn was stopped: its gateway stopped holding the session"))
+                return
+
+    def _turn_record(self, final: TokenOutput, reply: list[str], message: str, request_id: str | None) -> TurnRecord:
+        return TurnRecord(request_id or "", "".join(reply) + (final.text or ""), final.finish_reason or "eos",
+                          final.prompt_tokens, final.completion_tokens, self.replica_id, message_digest(message))
+
     async def _abort_and_record(self, record: SessionRecord, epoch: int, sink: TurnSink,
-                                started: asyncio.Future | None) -> None:
+                                started: asyncio.Future | None, reply: list[str] | None = None, message: str = "",
+                                request_id: str | None = None) -> None:
         sid = record.session_id
+        reply = [] if reply is None else reply
         try:
             final = await self.loop.submit(AbortTurn(sid))
         except ReplicaUnavailable:
             return  # the engine is gone, and its caches with it
-        while final is None and not sink.queue.empty():  # the turn ended on its own just before the abort
+        while not sink.queue.empty():  # text produced before the abort; or the turn ended on its own just before
             item = sink.queue.get_nowait()
-            if isinstance(item, TokenOutput) and item.finished:
-                final = item
+            if isinstance(item, TokenOutput):
+                if item.finished:
+                    final = final or item
+                else:
+                    reply.append(item.text)
         if final is None:
             if started is not None and started.done() and not started.cancelled() and started.exception() is None:
                 await self.drop(sid)  # a turn ran but left no record: rebuild from the log to be safe
             return  # the turn never started: the cache is as the transcript says
         try:
-            await self._commit(record, epoch, final)
+            await self._commit(record, epoch, final, self._turn_record(final, reply, message, request_id))
         except SinkServeError:  # _commit already dropped the cache
             logger.warning("could not record the aborted turn of %s", sid, exc_info=True)
 
-    async def _commit(self, record: SessionRecord, epoch: int, final: TokenOutput) -> int:
-        """Append the turn's tokens to the transcript (and charge the tenant); returns the session's turn count.
-        If that fails the cache is dropped, to be rebuilt from the log."""
+    async def _commit(self, record: SessionRecord, epoch: int, final: TokenOutput,
+                      turn: TurnRecord | None = None) -> int:
+        """Append the turn's tokens to the transcript (and charge the tenant, and record `turn`, its result);
+        returns the session's turn count. If that fails the cache is dropped, to be rebuilt from the log."""
         sid = record.session_id
         try:
             return await self.store.sessions.append_transcript(
                 sid, self.replica_id, epoch, list(final.turn_tokens or []), count_turn=True, tenant=record.tenant,
-                charge_tokens=final.prompt_tokens + final.completion_tokens,
+                charge_tokens=final.prompt_tokens + final.completion_tokens, turn=turn,
             )
         except (Fenced, SessionNotFound) as err:
             await self.on_lost(sid)

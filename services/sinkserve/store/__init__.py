@@ -14,10 +14,12 @@ from sinkserve.store.client import connect
 from sinkserve.store.keys import Keys
 from sinkserve.store.ownership import Ownership
 from sinkserve.store.replicas import LoadReport, Replicas
-from sinkserve.store.sessions import SessionRecord, Sessions
+from sinkserve.store.sessions import SessionRecord, Sessions, TurnRecord
 from sinkserve.store.tenants import Tenant, Tenants
 
-__all__ = ["Keys", "LoadReport", "Ownership", "Replicas", "SessionRecord", "Sessions", "Store", "Tenant", "Tenants"]
+__all__ = [
+    "Keys", "LoadReport", "Ownership", "Replicas", "SessionRecord", "Sessions", "Store", "Tenant", "Tenants", "TurnRecord",
+]
 
 
 class Store:

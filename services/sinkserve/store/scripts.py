@@ -11,7 +11,10 @@ from importlib import resources
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-NAMES = ("create", "claim", "renew", "append", "transcript_ends", "release", "delete", "unlock")
+NAMES = (
+    "create", "claim", "renew", "append", "transcript_ends", "release", "delete", "unlock", "lock_renew",
+    "reserve_tokens", "renew_tokens", "take_request",
+)
 
 
 def source(name: str) -> str:

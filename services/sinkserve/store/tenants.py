@@ -1,8 +1,17 @@
 """Tenants, their API keys (stored only as SHA-256 digests) and their quotas.
 
 Keys are 256-bit random tokens, so a plain SHA-256 digest is enough: there is nothing to brute-force,
-and lookups stay O(1) on every request. Tokens per minute are counted in fixed one-minute windows; the
-replica charges them when it records a turn (``Sessions.append_transcript``), this module only reads them.
+and lookups stay O(1) on every request.
+
+Quotas, each enforced atomically in Redis (Lua) so that every gateway shares them:
+
+- **tokens per minute**, in fixed one-minute windows. A turn reserves its worst case before it starts
+  (``reserve_tokens``: refused when used + reserved + worst > limit), the replica charges the turn's actual tokens
+  when it records it (``Sessions.append_transcript``), and the gateway releases the reservation after the turn
+  (``release_tokens``). A turn is charged once, and a reservation counts until released, so the tokens charged in
+  a minute never exceed the limit. Reservations are leases the turn's gateway renews: one whose gateway died
+  lapses after the lease instead of holding the quota.
+- **requests per second**, a token bucket per tenant (``take_request``: rate and burst from the tenant record).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import redis.asyncio as aioredis
 
 from sinkserve.config import LimitsConfig
 from sinkserve.errors import TenantError
+from sinkserve.store import scripts
 from sinkserve.store.client import now_ms
 from sinkserve.store.keys import Keys
 
@@ -33,7 +43,22 @@ class Tenant:
     name: str
     max_sessions: int
     tokens_per_minute: int
+    requests_per_second: float = LimitsConfig.model_fields["requests_per_second"].default
+    request_burst: int = LimitsConfig.model_fields["request_burst"].default
     created_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer of ``reserve_tokens``: whether the worst case fit, and what the minute held besides it."""
+
+    granted: bool
+    used: int  # tokens charged this minute
+    reserved: int  # tokens reserved by other turns in flight
+
+
+def _number(value: bytes | None, default: float) -> float:
+    return float(value) if value is not None else default
 
 
 class Tenants:
@@ -41,23 +66,37 @@ class Tenants:
         self.redis = client
         self.keys = keys
         self.limits = limits or LimitsConfig()
+        self._reserve = scripts.register(client, "reserve_tokens")
+        self._renew_tokens = scripts.register(client, "renew_tokens")
+        self._take_request = scripts.register(client, "take_request")
 
     async def create(
-        self, name: str, max_sessions: int | None = None, tokens_per_minute: int | None = None
+        self,
+        name: str,
+        max_sessions: int | None = None,
+        tokens_per_minute: int | None = None,
+        requests_per_second: float | None = None,
+        request_burst: int | None = None,
     ) -> tuple[Tenant, str]:
-        """Create a tenant with one fresh API key; returns the tenant and the key (shown once, never stored)."""
+        """Create a tenant with one fresh API key; returns the tenant and the key (shown once, never stored).
+        A quota left None takes the limits config's default."""
         if not TENANT_NAME.match(name):
             raise TenantError(
                 f"bad tenant name {name!r}: use 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
             )
+        pick = lambda given, default: given if given is not None else default  # noqa: E731
         tenant = Tenant(
             name=name,
-            max_sessions=max_sessions if max_sessions is not None else self.limits.max_sessions,
-            tokens_per_minute=tokens_per_minute if tokens_per_minute is not None else self.limits.tokens_per_minute,
+            max_sessions=pick(max_sessions, self.limits.max_sessions),
+            tokens_per_minute=pick(tokens_per_minute, self.limits.tokens_per_minute),
+            requests_per_second=float(pick(requests_per_second, self.limits.requests_per_second)),
+            request_burst=pick(request_burst, self.limits.request_burst),
             created_ms=now_ms(),
         )
-        if tenant.max_sessions < 1 or tenant.tokens_per_minute < 1:
-            raise TenantError("max_sessions and tokens_per_minute must be >= 1")
+        if tenant.max_sessions < 1 or tenant.tokens_per_minute < 1 or tenant.request_burst < 1:
+            raise TenantError("max_sessions, tokens_per_minute and request_burst must be >= 1")
+        if not tenant.requests_per_second > 0 or tenant.requests_per_second == float("inf"):
+            raise TenantError("requests_per_second must be a number > 0")
         added = await self.redis.sadd(self.keys.tenants(), name)
         if not added:
             raise TenantError(f"tenant {name!r} already exists")
@@ -67,6 +106,8 @@ class Tenants:
                 "name": name,
                 "max_sessions": tenant.max_sessions,
                 "tokens_per_minute": tenant.tokens_per_minute,
+                "requests_per_second": repr(tenant.requests_per_second),
+                "request_burst": tenant.request_burst,
                 "created_ms": tenant.created_ms,
             },
         )
@@ -88,10 +129,12 @@ class Tenants:
         raw = await self.redis.hgetall(self.keys.tenant(name))
         if not raw:
             return None
-        return Tenant(
+        return Tenant(  # a tenant created before a quota existed gets the limits config's default for it
             name=raw[b"name"].decode(),
             max_sessions=int(raw[b"max_sessions"]),
             tokens_per_minute=int(raw[b"tokens_per_minute"]),
+            requests_per_second=_number(raw.get(b"requests_per_second"), self.limits.requests_per_second),
+            request_burst=int(_number(raw.get(b"request_burst"), self.limits.request_burst)),
             created_ms=int(raw.get(b"created_ms", b"0")),
         )
 
@@ -106,7 +149,8 @@ class Tenants:
         pipe.srem(self.keys.tenants(), name)
         for key_digest in digests:
             pipe.delete(self.keys.api_key(key_digest.decode()))
-        pipe.delete(self.keys.tenant(name), self.keys.tenant_keys(name))
+        pipe.delete(self.keys.tenant(name), self.keys.tenant_keys(name), self.keys.tokens_reserved(name),
+                    self.keys.request_bucket(name))
         results = await pipe.execute()
         return bool(results[0])
 
@@ -123,6 +167,41 @@ class Tenants:
         value = await self.redis.get(self.keys.tokens_per_minute(name, time.time()))
         return int(value or 0)
 
+    async def tokens_reserved(self, name: str) -> int:
+        """Tokens reserved now by the tenant's turns in flight (leases not yet lapsed)."""
+        entries = await self.redis.hgetall(self.keys.tokens_reserved(name))
+        now = now_ms()
+        total = 0
+        for value in entries.values():
+            amount, _, expiry = value.decode().partition("|")
+            total += int(amount) if int(expiry) > now else 0
+        return total
+
+    async def reserve_tokens(self, name: str, turn_id: str, worst: int, limit: int, lease_ms: int) -> Reservation:
+        """Reserve `worst` tokens for a turn if used + reserved + worst <= limit, atomically; the reservation
+        lapses after `lease_ms` unless renewed (``renew_tokens``)."""
+        granted, used, reserved = await self._reserve(
+            keys=[self.keys.tokens_per_minute(name, time.time()), self.keys.tokens_reserved(name)],
+            args=[turn_id, int(worst), int(limit), max(1, int(lease_ms))],
+        )
+        return Reservation(bool(granted), int(used), int(reserved))
+
+    async def renew_tokens(self, name: str, turn_id: str, lease_ms: int) -> bool:
+        keys = [self.keys.tokens_reserved(name)]
+        return bool(await self._renew_tokens(keys=keys, args=[turn_id, max(1, int(lease_ms))]))
+
+    async def release_tokens(self, name: str, turn_id: str) -> None:
+        await self.redis.hdel(self.keys.tokens_reserved(name), turn_id)
+
     @staticmethod
     def seconds_to_next_window() -> float:
         return 60 - (time.time() % 60)
+
+    # ---- requests per second
+    async def take_request(self, tenant: Tenant) -> float | None:
+        """Take one request from the tenant's token bucket: None when allowed, else seconds until one is there."""
+        allowed, wait_ms = await self._take_request(
+            keys=[self.keys.request_bucket(tenant.name)],
+            args=[repr(float(tenant.requests_per_second)), tenant.request_burst],
+        )
+        return None if allowed else max(0.001, int(wait_ms) / 1000)

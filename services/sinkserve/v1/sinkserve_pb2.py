@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csinkserve/v1/sinkserve.proto\x12\x0csinkserve.v1\"\x84\x02\n\x12GenerationSettings\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xd8\x01\n\x14\x43reateSessionRequest\x12\x15\n\rsystem_prompt\x18\x01 \x01(\t\x12:\n\x10\x64\x65\x66\x61ult_settings\x18\x02 \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..sinkserve.v1.CreateSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe3\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\r\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x04\x12\x15\n\rcache_entries\x18\x04 \x01(\r\x12\x16\n\x0e\x63\x61\x63he_capacity\x18\x05 \x01(\r\x12\x15\n\rowner_replica\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0c\n\x04\x62usy\x18\x08 \x01(\x08\x12:\n\x10\x64\x65\x66\x61ult_settings\x18\t \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.sinkserve.v1.Session.LabelsEntry\x12\x15\n\rsystem_prompt\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x15\x43reateSessionResponse\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.sinkserve.v1.Session\"j\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xa0\x01\n\x0cTurnFinished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.sinkserve.v1.FinishReason\x12\'\n\x05usage\x18\x02 \x01(\x0b\x32\x18.sinkserve.v1.TokenUsage\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x15\n\rcache_entries\x18\x05 \x01(\r\"u\n\x10SendMessageEvent\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.sinkserve.v1.TextDeltaH\x00\x12.\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1a.sinkserve.v1.TurnFinishedH\x00\x42\x07\n\x05\x65vent\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListSessionsResponse\x12\'\n\x08sessions\x18\x01 \x03(\x0b\x32\x15.sinkserve.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04\x32\xaf\x03\n\tSinkServe\x12X\n\rCreateSession\x12\".sinkserve.v1.CreateSessionRequest\x1a#.sinkserve.v1.CreateSessionResponse\x12Q\n\x0bSendMessage\x12 .sinkserve.v1.SendMessageRequest\x1a\x1e.sinkserve.v1.SendMessageEvent0\x01\x12\x44\n\nGetSession\x12\x1f.sinkserve.v1.GetSessionRequest\x1a\x15.sinkserve.v1.Session\x12U\n\x0cListSessions\x12!.sinkserve.v1.ListSessionsRequest\x1a\".sinkserve.v1.ListSessionsResponse\x12X\n\rDeleteSession\x12\".sinkserve.v1.DeleteSessionRequest\x1a#.sinkserve.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csinkserve/v1/sinkserve.proto\x12\x0csinkserve.v1\"\x84\x02\n\x12GenerationSettings\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xd8\x01\n\x14\x43reateSessionRequest\x12\x15\n\rsystem_prompt\x18\x01 \x01(\t\x12:\n\x10\x64\x65\x66\x61ult_settings\x18\x02 \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..sinkserve.v1.CreateSessionRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\r\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x04\x12\x15\n\rcache_entries\x18\x04 \x01(\r\x12\x16\n\x0e\x63\x61\x63he_capacity\x18\x05 \x01(\r\x12\x15\n\rowner_replica\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0c\n\x04\x62usy\x18\x08 \x01(\x08\x12:\n\x10\x64\x65\x66\x61ult_settings\x18\t \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.sinkserve.v1.Session.LabelsEntry\x12\x15\n\rsystem_prompt\x18\x0b \x01(\t\x12-\n\tlast_turn\x18\x0c \x01(\x0b\x32\x1a.sinkserve.v1.RecordedTurn\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x01\n\x0cRecordedTurn\x12\x0c\n\x04turn\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.sinkserve.v1.FinishReason\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.sinkserve.v1.TokenUsage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07replica\x18\x07 \x01(\t\"?\n\x15\x43reateSessionResponse\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.sinkserve.v1.Session\"~\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .sinkserve.v1.GenerationSettings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb2\x01\n\x0cTurnFinished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.sinkserve.v1.FinishReason\x12\'\n\x05usage\x18\x02 \x01(\x0b\x32\x18.sinkserve.v1.TokenUsage\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x15\n\rcache_entries\x18\x05 \x01(\r\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"u\n\x10SendMessageEvent\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.sinkserve.v1.TextDeltaH\x00\x12.\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1a.sinkserve.v1.TurnFinishedH\x00\x42\x07\n\x05\x65vent\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListSessionsResponse\x12\'\n\x08sessions\x18\x01 \x03(\x0b\x32\x15.sinkserve.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04\x32\xaf\x03\n\tSinkServe\x12X\n\rCreateSession\x12\".sinkserve.v1.CreateSessionRequest\x1a#.sinkserve.v1.CreateSessionResponse\x12Q\n\x0bSendMessage\x12 .sinkserve.v1.SendMessageRequest\x1a\x1e.sinkserve.v1.SendMessageEvent0\x01\x12\x44\n\nGetSession\x12\x1f.sinkserve.v1.GetSessionRequest\x1a\x15.sinkserve.v1.Session\x12U\n\x0cListSessions\x12!.sinkserve.v1.ListSessionsRequest\x1a\".sinkserve.v1.ListSessionsResponse\x12X\n\rDeleteSession\x12\".sinkserve.v1.DeleteSessionRequest\x1a#.sinkserve.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SESSION_LABELSENTRY']._loaded_options = None
   _globals['_SESSION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1717
-  _globals['_FINISHREASON']._serialized_end=1862
+  _globals['_FINISHREASON']._serialized_start=1994
+  _globals['_FINISHREASON']._serialized_end=2139
   _globals['_GENERATIONSETTINGS']._serialized_start=47
   _globals['_GENERATIONSETTINGS']._serialized_end=307
   _globals['_CREATESESSIONREQUEST']._serialized_start=310
@@ -44,31 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_start=481
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_end=526
   _globals['_SESSION']._serialized_start=529
-  _globals['_SESSION']._serialized_end=884
+  _globals['_SESSION']._serialized_end=931
   _globals['_SESSION_LABELSENTRY']._serialized_start=481
   _globals['_SESSION_LABELSENTRY']._serialized_end=526
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=886
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=949
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=951
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=1057
-  _globals['_TOKENUSAGE']._serialized_start=1059
-  _globals['_TOKENUSAGE']._serialized_end=1143
-  _globals['_TEXTDELTA']._serialized_start=1145
-  _globals['_TEXTDELTA']._serialized_end=1170
-  _globals['_TURNFINISHED']._serialized_start=1173
-  _globals['_TURNFINISHED']._serialized_end=1333
-  _globals['_SENDMESSAGEEVENT']._serialized_start=1335
-  _globals['_SENDMESSAGEEVENT']._serialized_end=1452
-  _globals['_GETSESSIONREQUEST']._serialized_start=1454
-  _globals['_GETSESSIONREQUEST']._serialized_end=1493
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1495
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1555
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1557
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1645
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1647
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1689
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1691
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1714
-  _globals['_SINKSERVE']._serialized_start=1865
-  _globals['_SINKSERVE']._serialized_end=2296
+  _globals['_RECORDEDTURN']._serialized_start=934
+  _globals['_RECORDEDTURN']._serialized_end=1123
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1125
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1188
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=1190
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=1316
+  _globals['_TOKENUSAGE']._serialized_start=1318
+  _globals['_TOKENUSAGE']._serialized_end=1402
+  _globals['_TEXTDELTA']._serialized_start=1404
+  _globals['_TEXTDELTA']._serialized_end=1429
+  _globals['_TURNFINISHED']._serialized_start=1432
+  _globals['_TURNFINISHED']._serialized_end=1610
+  _globals['_SENDMESSAGEEVENT']._serialized_start=1612
+  _globals['_SENDMESSAGEEVENT']._serialized_end=1729
+  _globals['_GETSESSIONREQUEST']._serialized_start=1731
+  _globals['_GETSESSIONREQUEST']._serialized_end=1770
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1772
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1832
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1834
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1922
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1924
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1966
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1968
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1991
+  _globals['_SINKSERVE']._serialized_start=2142
+  _globals['_SINKSERVE']._serialized_end=2573
 # @@protoc_insertion_point(module_scope)

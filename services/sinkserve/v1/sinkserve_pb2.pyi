@@ -56,7 +56,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, system_prompt: _Optional[str] = ..., default_settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "turns", "tokens_seen", "cache_entries", "cache_capacity", "owner_replica", "created_unix_ms", "busy", "default_settings", "labels", "system_prompt")
+    __slots__ = ("session_id", "turns", "tokens_seen", "cache_entries", "cache_capacity", "owner_replica", "created_unix_ms", "busy", "default_settings", "labels", "system_prompt", "last_turn")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Session(_message.Message):
     DEFAULT_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LAST_TURN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turns: int
     tokens_seen: int
@@ -86,7 +87,26 @@ class Session(_message.Message):
     default_settings: GenerationSettings
     labels: _containers.ScalarMap[str, str]
     system_prompt: str
-    def __init__(self, session_id: _Optional[str] = ..., turns: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_capacity: _Optional[int] = ..., owner_replica: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., busy: _Optional[bool] = ..., default_settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    last_turn: RecordedTurn
+    def __init__(self, session_id: _Optional[str] = ..., turns: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_capacity: _Optional[int] = ..., owner_replica: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., busy: _Optional[bool] = ..., default_settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., system_prompt: _Optional[str] = ..., last_turn: _Optional[_Union[RecordedTurn, _Mapping]] = ...) -> None: ...
+
+class RecordedTurn(_message.Message):
+    __slots__ = ("turn", "text", "finish_reason", "finished", "usage", "request_id", "replica")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    text: str
+    finish_reason: FinishReason
+    finished: bool
+    usage: TokenUsage
+    request_id: str
+    replica: str
+    def __init__(self, turn: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., finished: _Optional[bool] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., request_id: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session",)
@@ -95,14 +115,16 @@ class CreateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class SendMessageRequest(_message.Message):
-    __slots__ = ("session_id", "text", "settings")
+    __slots__ = ("session_id", "text", "settings", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     settings: GenerationSettings
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., settings: _Optional[_Union[GenerationSettings, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -121,18 +143,20 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
-    __slots__ = ("finish_reason", "usage", "turn", "replica", "cache_entries")
+    __slots__ = ("finish_reason", "usage", "turn", "replica", "cache_entries", "replayed")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: TokenUsage
     turn: int
     replica: str
     cache_entries: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., turn: _Optional[int] = ..., replica: _Optional[str] = ..., cache_entries: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., turn: _Optional[int] = ..., replica: _Optional[str] = ..., cache_entries: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class SendMessageEvent(_message.Message):
     __slots__ = ("delta", "finished")

@@ -73,6 +73,8 @@ class SinkServeServicer:
     def SendMessage(self, request, context):
         """One turn: the reply streams back as text deltas, then a final event with finish reason and
         usage. A second SendMessage on a session whose previous turn is still running gets ABORTED.
+        The turn reserves its worst case (message + max_tokens) against the tenant's tokens per minute before
+        it starts: RESOURCE_EXHAUSTED with `retry-after-ms` when that does not fit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -29,6 +29,8 @@ class ChatCall:
     text: str
     params: GenerationParams
     deadline_unix: float | None
+    turn_id: str | None = None
+    request_id: str | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # the gateway stopped consuming the stream
     cancelled: bool = False
 
@@ -43,6 +45,10 @@ class FakeBackend:
         self.events: list[TurnEvent] = [TurnDelta("Hello", 1), TurnDelta(" there", 1),
                                         TurnFinished("eos", 5, 2, 1, "r-1", 7, text="!")]
         self.endless = False  # chat streams deltas until the gateway stops reading
+        self.delay_s = 0.0  # a pause before each event (turns that overlap)
+        # Set to a Store: sessions are claimed by "r-1" at create, and each turn is recorded in the transcript the
+        # way a replica records it (charged, with its TurnRecord; a cut turn as "aborted"), before `finished`.
+        self.store: Store | None = None
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.chats: list[ChatCall] = []
@@ -51,6 +57,8 @@ class FakeBackend:
         if self.create_error is not None:
             raise self.create_error
         self.created.append(session_id)
+        if self.store is not None:
+            await self.store.ownership.claim(session_id, 0, "r-1", 60_000)
         return SessionView(session_id, "r-1", resident=True, cache_entries=3, cache_capacity=32)
 
     async def info(self, session_id: str) -> SessionView:
@@ -62,24 +70,52 @@ class FakeBackend:
         self.deleted.append(session_id)
         return True
 
-    async def chat(self, session_id: str, text: str, params: GenerationParams,
-                   deadline_unix: float | None) -> AsyncIterator[TurnEvent]:
-        call = ChatCall(session_id, text, params, deadline_unix)
+    async def chat(self, session_id: str, text: str, params: GenerationParams, deadline_unix: float | None,
+                   turn_id: str | None = None, request_id: str | None = None) -> AsyncIterator[TurnEvent]:
+        call = ChatCall(session_id, text, params, deadline_unix, turn_id, request_id)
         self.chats.append(call)
+        reply: list[str] = []
+        recorded = False
         try:
             if self.chat_error is not None:
                 raise self.chat_error
             if self.endless:
                 while True:
+                    reply.append("more ")
                     yield TurnDelta("more ", 1)
                     await asyncio.sleep(0.01)
             for event in self.events:
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                if isinstance(event, TurnFinished) and self.store is not None:
+                    recorded = True
+                    turn = await self.record(call, "".join(reply) + event.text, event.finish_reason,
+                                             event.prompt_tokens, event.completion_tokens)
+                    event = TurnFinished(event.finish_reason, event.prompt_tokens, event.completion_tokens, turn,
+                                         event.replica, event.cache_entries, event.text)
+                elif isinstance(event, TurnDelta):
+                    reply.append(event.text)
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             call.cancelled = True
+            if self.store is not None and not recorded:  # a replica records what the cut turn produced
+                await asyncio.shield(self.record(call, "".join(reply), "aborted", 3, len(reply)))
             raise
         finally:
             call.closed.set()
+
+    async def record(self, call: ChatCall, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> int:
+        from sinkserve.store import TurnRecord
+        from sinkserve.store.sessions import message_digest
+
+        assert self.store is not None
+        record = await self.store.sessions.get_session(call.session_id)
+        return await self.store.sessions.append_transcript(
+            call.session_id, "r-1", record.epoch, [1] * (prompt_tokens + completion_tokens), count_turn=True,
+            tenant=record.tenant, charge_tokens=prompt_tokens + completion_tokens,
+            turn=TurnRecord(call.request_id or "", text, reason, prompt_tokens, completion_tokens, "r-1",
+                            message_digest(call.text)),
+        )
 
 
 @dataclass

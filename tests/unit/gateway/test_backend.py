@@ -154,9 +154,11 @@ async def test_a_unary_call_that_never_answers_is_unavailable():
 async def test_chat_passes_params_and_is_re_sent_only_before_output():
     params = GenerationParams(max_tokens=7, stop=("END",))
     handle = FakeHandle([[ray_exc.RayActorError()], [TurnDelta("a"), FINISHED]])
-    events = [e async for e in ServeBackend(handle, retry_budget_s=5).chat("s", "hi", params, 123.0)]
+    events = [e async for e in ServeBackend(handle, retry_budget_s=5).chat("s", "hi", params, 123.0, turn_id="t-1",
+                                                                          request_id="r-1")]
     assert events == [TurnDelta("a"), FINISHED]
-    assert [kw for _, kw in handle.calls] == [dict(session_id="s", text="hi", params=params, deadline_unix=123.0)] * 2
+    sent = dict(session_id="s", text="hi", params=params, deadline_unix=123.0, turn_id="t-1", request_id="r-1")
+    assert [kw for _, kw in handle.calls] == [sent] * 2
     assert handle.streams[0].cancelled
 
     handle = FakeHandle([[TurnDelta("a"), ray_exc.RayActorError()], [TurnDelta("again"), FINISHED]])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import grpc
 import pytest
@@ -65,25 +66,39 @@ async def test_no_deadline_means_the_longest_turn(gw):
     assert gw.backend.chats[-1].deadline_unix == pytest.approx(time.time() + MAX_TURN_S, abs=5)
 
 
-async def test_another_tenants_session_is_permission_denied(gw):
+async def test_another_tenants_session_is_the_same_not_found_as_a_random_id(gw):
+    """No existence oracle: bob cannot tell alice's session from one that does not exist."""
     alice, bob = await gw.tenant("alice"), await gw.tenant("bob")
     sid = (await create(gw, alice)).session_id
-    await refused(gw.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bob, timeout=10),
-                  grpc.StatusCode.PERMISSION_DENIED)
-    await refused(send(gw, bob, sid), grpc.StatusCode.PERMISSION_DENIED)
-    await refused(gw.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=bob, timeout=10),
-                  grpc.StatusCode.PERMISSION_DENIED)
+    random_id = uuid.uuid4().hex
+
+    async def answers(session_id: str) -> list[tuple[grpc.StatusCode, str]]:
+        got = []
+        for call in (
+            gw.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=bob, timeout=10),
+            send(gw, bob, session_id),
+            gw.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=bob, timeout=10),
+        ):
+            err = await refused(call, grpc.StatusCode.NOT_FOUND)
+            got.append((err.code(), err.details().replace(session_id, "<id>")))
+        return got
+
+    expected = [(grpc.StatusCode.NOT_FOUND, "session '<id>' not found")] * 3
+    assert await answers(sid) == await answers(random_id) == expected
     assert list((await gw.stub.ListSessions(pb.ListSessionsRequest(), metadata=bob, timeout=10)).sessions) == []
     assert gw.backend.chats == [] and gw.backend.deleted == []
+    mine = await gw.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=alice, timeout=10)
+    assert mine.session_id == sid
 
 
 async def test_a_missing_session_is_not_found(gw):
     metadata = await gw.tenant("acme")
-    await refused(gw.stub.GetSession(pb.GetSessionRequest(session_id="nope"), metadata=metadata, timeout=10),
-                  grpc.StatusCode.NOT_FOUND)
-    await refused(send(gw, metadata, "nope"), grpc.StatusCode.NOT_FOUND)
-    await refused(gw.stub.DeleteSession(pb.DeleteSessionRequest(session_id="nope"), metadata=metadata, timeout=10),
-                  grpc.StatusCode.NOT_FOUND)
+    for missing in ("nope", uuid.uuid4().hex):
+        await refused(gw.stub.GetSession(pb.GetSessionRequest(session_id=missing), metadata=metadata, timeout=10),
+                      grpc.StatusCode.NOT_FOUND)
+        await refused(send(gw, metadata, missing), grpc.StatusCode.NOT_FOUND)
+        await refused(gw.stub.DeleteSession(pb.DeleteSessionRequest(session_id=missing), metadata=metadata,
+                                            timeout=10), grpc.StatusCode.NOT_FOUND)
 
 
 async def test_no_key_is_unauthenticated_on_every_rpc(gw):
@@ -118,14 +133,29 @@ async def test_tenant_session_limit_is_resource_exhausted(gw):
 
 
 async def test_tokens_per_minute_is_resource_exhausted_with_retry_after(gw):
-    metadata = await gw.tenant("thrifty", tokens_per_minute=10)
+    metadata = await gw.tenant("thrifty", tokens_per_minute=300)
     sid = (await create(gw, metadata)).session_id
-    await gw.store.redis.incrby(gw.store.keys.tokens_per_minute("thrifty", time.time()), 10)
-    err = await refused(send(gw, metadata, sid), grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert "10 of its 10 tokens" in err.details()
+    if gw.store.tenants.seconds_to_next_window() < 2:  # charge and send in the same one-minute window
+        await asyncio.sleep(gw.store.tenants.seconds_to_next_window())
+    await gw.store.redis.incrby(gw.store.keys.tokens_per_minute("thrifty", time.time()), 290)
+    # "hi" with max_tokens 5 may need 2 + 32 + 5 tokens: 290 + 39 > 300.
+    err = await refused(send(gw, metadata, sid, settings=generation_settings(max_tokens=5)),
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "290 of its 300 tokens" in err.details()
     retry_ms = int(dict(err.trailing_metadata())[RETRY_AFTER_KEY])
     assert 0 <= retry_ms <= 60_000
     assert gw.backend.chats == []
+    assert not await gw.store.sessions.is_busy(sid) and await gw.store.tenants.tokens_reserved("thrifty") == 0
+
+
+async def test_a_turn_that_can_never_fit_the_quota_says_so_without_a_retry_hint(gw):
+    metadata = await gw.tenant("tiny", tokens_per_minute=100)
+    sid = (await create(gw, metadata)).session_id
+    err = await refused(send(gw, metadata, sid, settings=generation_settings(max_tokens=200)),
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "fewer max_tokens" in err.details() and RETRY_AFTER_KEY not in dict(err.trailing_metadata())
+    await send(gw, metadata, sid, settings=generation_settings(max_tokens=20))  # 2 + 32 + 20 fits
+    assert len(gw.backend.chats) == 1
 
 
 async def test_a_session_no_replica_takes_is_deleted(gw):

@@ -8,15 +8,17 @@ client sees INVALID_ARGUMENT with the message, and nothing reaches a replica or 
 from __future__ import annotations
 
 import math
+import uuid
 
 import grpc
 import pytest
 
 from sinkserve.client import generation_settings
 from sinkserve.config import GatewayConfig
-from sinkserve.errors import InvalidArgument
+from sinkserve.errors import InvalidArgument, SessionNotFound
 from sinkserve.gateway.convert import settings_to_fields
 from sinkserve.gateway.limits import MAX_PAGE_SIZE, Limits
+from sinkserve.store import Keys
 from sinkserve.v1 import sinkserve_pb2 as pb
 
 MAX_NEW_TOKENS = 500  # as in conftest.gateway_settings
@@ -86,12 +88,22 @@ def test_messages_and_prompts_are_bounded_in_bytes():
         LIMITS.check_text("y" * 1025, "system_prompt")
 
 
+def key_named_ids(keys: Keys, sid: str) -> list[str]:
+    """Ids that, put after the session key's prefix, would name the session's other keys: `<sid>:tx`, ..."""
+    head = keys.session(sid)[: -len(sid)]
+    return [key.removeprefix(head) for key in (keys.transcript(sid), keys.lease(sid), keys.busy(sid),
+                                               keys.recent_turns(sid))]
+
+
 def test_session_ids_labels_and_page_sizes():
     with pytest.raises(InvalidArgument, match="session_id is required"):
         LIMITS.check_session_id("")
-    with pytest.raises(InvalidArgument, match="session_id is longer than 128"):
-        LIMITS.check_session_id("s" * 129)
-    LIMITS.check_session_id("s" * 128)
+    sid = uuid.uuid4().hex
+    LIMITS.check_session_id(sid)
+    # Anything but the server-generated form is the NOT_FOUND of an unknown id (never a store error).
+    for bad in (*key_named_ids(Keys("p"), sid), sid.upper(), sid + "0", sid[:-1], "s" * 129, "x" * 100_000, " " + sid):
+        with pytest.raises(SessionNotFound, match="not found"):
+            LIMITS.check_session_id(bad)
     assert LIMITS.check_labels({"a": "b"}) == {"a": "b"}
     with pytest.raises(InvalidArgument, match="at most 32 labels"):
         LIMITS.check_labels({f"k{i}": "v" for i in range(33)})
@@ -154,7 +166,6 @@ async def test_refused_requests_on_the_wire(gw):
     err = await invalid(send(gw, metadata, sid, "x" * 1025))
     assert "1025 bytes" in err.details()
     await invalid(send(gw, metadata, "", "hi"))
-    await invalid(send(gw, metadata, "s" * 129, "hi"))
     await invalid(gw.stub.CreateSession(pb.CreateSessionRequest(system_prompt="y" * 1025), metadata=metadata,
                                         timeout=10))
     await invalid(gw.stub.CreateSession(pb.CreateSessionRequest(labels={f"k{i}": "v" for i in range(33)}),
@@ -166,6 +177,55 @@ async def test_refused_requests_on_the_wire(gw):
     assert "page_token" in err.details()
     await invalid(gw.stub.ListSessions(pb.ListSessionsRequest(page_size=100_000), metadata=metadata, timeout=10))
     assert gw.backend.chats == [] and gw.backend.created == [sid]
+
+
+def test_top_k_is_capped_at_the_gateway_and_request_ids_have_one_form():
+    assert LIMITS.turn_params({}, {"top_k": 65_536}).top_k == 65_536
+    for fields in ({"top_k": 65_537}, {"top_k": 2**32 - 1}):
+        with pytest.raises(InvalidArgument, match="top_k must be between 0 and 65536"):
+            LIMITS.turn_params({}, fields)
+        with pytest.raises(InvalidArgument, match="top_k"):
+            LIMITS.session_defaults(fields)
+    with pytest.raises(InvalidArgument, match="top_k"):
+        LIMITS.turn_params({"top_k": 2**32 - 1}, {})  # a stored default is judged too
+    assert LIMITS.check_request_id("") == "" and LIMITS.check_request_id("retry-7:abc") == "retry-7:abc"
+    for bad in ("has space", "x" * 129, "tab\t", "é"):
+        with pytest.raises(InvalidArgument, match="request_id"):
+            LIMITS.check_request_id(bad)
+
+
+async def test_malformed_session_ids_are_not_found_before_any_store_access(gw):
+    """Ids that would name another key of the session (`<sid>:tx`, `<sid>:lease`) or cannot be one: the NOT_FOUND
+    of an unknown session on every RPC, never the store's WRONGTYPE as UNAVAILABLE."""
+    metadata = await gw.tenant("acme")
+    sid = (await gw.stub.CreateSession(pb.CreateSessionRequest(), metadata=metadata, timeout=10)).session.session_id
+    await send(gw, metadata, sid, "hi")  # the transcript, lease and lock keys exist now
+    await gw.store.redis.set(gw.store.keys.lease(sid), "1|r-1")
+    for bad in (*key_named_ids(gw.store.keys, sid), sid.upper(), "s" * 129, "x" * 5000, "nope"):
+        for call in (
+            gw.stub.GetSession(pb.GetSessionRequest(session_id=bad), metadata=metadata, timeout=10),
+            gw.stub.DeleteSession(pb.DeleteSessionRequest(session_id=bad), metadata=metadata, timeout=10),
+            send(gw, metadata, bad, "hi"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (bad, caught.value.details())
+            assert caught.value.details().startswith("session '") and caught.value.details().endswith("' not found")
+    assert len(gw.backend.chats) == 1 and gw.backend.deleted == []
+    assert (await gw.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)).turns == 0
+
+
+async def test_top_k_beyond_the_gateway_cap_is_refused_on_the_wire(gw):
+    metadata = await gw.tenant("acme")
+    sid = (await gw.stub.CreateSession(pb.CreateSessionRequest(), metadata=metadata, timeout=10)).session.session_id
+    err = await invalid(send(gw, metadata, sid, "hi", generation_settings(top_k=2**32 - 1)))
+    assert "top_k" in err.details()
+    await invalid(gw.stub.CreateSession(pb.CreateSessionRequest(default_settings=generation_settings(top_k=2**32 - 1)),
+                                        metadata=metadata, timeout=10))
+    err = await invalid(gw.stub.SendMessage(pb.SendMessageRequest(session_id=sid, text="hi", request_id="a b"),
+                                            metadata=metadata, timeout=10).read())
+    assert "request_id" in err.details()
+    assert gw.backend.chats == []
 
 
 async def test_stored_defaults_that_the_turn_overrides_are_judged_together(gw):

@@ -6,7 +6,7 @@ import re
 import time
 from pathlib import Path
 
-from sinkserve.store import Keys
+from sinkserve.store import Keys, TurnRecord
 from sinkserve.store.tenants import digest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -17,17 +17,19 @@ SCANNED = ("services", "loadtest", "benchmarks", "deploy", "tests")
 HAND_BUILT = re.compile(
     r"\{[\w.()]*prefix\}:"
     r"""|["']:(?:s|t|r|key|tenants)(?::|["'])"""
-    r"""|:(?:tx|lease|busy|sessions|keys|tpm)(?::|["'])"""
+    r"""|:(?:tx|lease|busy|turns|sessions|keys|tpm|tpr|rps)(?::|["'])"""
 )
 HAND_BUILT_LUA = re.compile(r"""\.\.\s*["'][^"'\n]*:""")
 
 
 def test_layout():
     keys = Keys("p")
-    assert keys.session("abc") == "p:s:abc"
-    assert keys.transcript("abc") == "p:s:abc:tx"
-    assert keys.lease("abc") == "p:s:abc:lease"
-    assert keys.busy("abc") == "p:s:abc:busy"
+    sid = "0123456789abcdef" * 2
+    assert keys.session(sid) == f"p:s:{sid}"
+    assert keys.transcript(sid) == f"p:s:{sid}:tx"
+    assert keys.lease(sid) == f"p:s:{sid}:lease"
+    assert keys.busy(sid) == f"p:s:{sid}:busy"
+    assert keys.recent_turns(sid) == f"p:s:{sid}:turns"
     assert keys.tenant_sessions("acme") == "p:t:acme:sessions"
     assert keys.replica_report("r1") == "p:r:r1"
     assert keys.replica_owned("r1") == "p:r:r1:sessions"
@@ -36,6 +38,8 @@ def test_layout():
     assert keys.tenant_keys("acme") == "p:t:acme:keys"
     assert keys.api_key("d1") == "p:key:d1"
     assert keys.tokens_per_minute("acme", 125.0) == "p:t:acme:tpm:2"  # minute 2 of the epoch
+    assert keys.tokens_reserved("acme") == "p:t:acme:tpr"
+    assert keys.request_bucket("acme") == "p:t:acme:rps"
     head, tail = keys.replica_owned_affixes()
     assert head + "r1" + tail == keys.replica_owned("r1")
 
@@ -45,11 +49,15 @@ async def test_every_key_a_lifecycle_writes_is_built_by_keys_and_delete_leaves_n
 
     keys = store.keys
     started = time.time()
-    await store.tenants.create("acme")
+    tenant, _ = await store.tenants.create("acme")
     sid = (await store.sessions.create_session("acme", max_sessions=10)).session_id
     await store.ownership.claim(sid, 0, "replica-a", 10_000)
-    await store.sessions.append_transcript(sid, "replica-a", 1, [1, 2], count_turn=True, tenant="acme", charge_tokens=2)
+    record = TurnRecord("req-1", "hi", "eos", 1, 1, "replica-a")
+    await store.sessions.append_transcript(sid, "replica-a", 1, [1, 2], count_turn=True, tenant="acme", charge_tokens=2,
+                                           turn=record)
     await store.sessions.try_lock_turn(sid, "turn", 10_000)
+    assert (await store.tenants.reserve_tokens("acme", "turn", 10, 1000, 10_000)).granted
+    assert await store.tenants.take_request(tenant) is None
     await store.replicas.report_load(LoadReport("replica-a"), ttl_ms=10_000)
     counters = {keys.tokens_per_minute("acme", t) for t in (started, time.time())}
     digests = {d.decode() for d in await store.redis.smembers(keys.tenant_keys("acme"))}
@@ -58,6 +66,7 @@ async def test_every_key_a_lifecycle_writes_is_built_by_keys_and_delete_leaves_n
     built = {
         keys.tenants(), keys.tenant("acme"), keys.tenant_keys("acme"), *map(keys.api_key, digests),
         keys.session(sid), keys.transcript(sid), keys.lease(sid), keys.busy(sid), keys.tenant_sessions("acme"),
+        keys.recent_turns(sid), keys.tokens_reserved("acme"), keys.request_bucket("acme"),
         keys.replica_owned("replica-a"), keys.replica_report("replica-a"),
     }  # fmt: skip
     assert len(digests) == 1

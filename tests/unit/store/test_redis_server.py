@@ -23,6 +23,7 @@ from sinkserve.store.tenants import digest
 
 PASSWORD = "unit-test-password"
 KEYS = Keys("sinkserve")
+SID = "5e551014" * 4  # a session id of the server-generated form
 
 
 def wait_for(condition, timeout_s: float = 20, what: str = "condition") -> None:
@@ -84,7 +85,7 @@ def test_durable_server_restarts_after_kill_9_with_its_data_and_password(tmp_pat
             assert config(client, "bind") == "127.0.0.1"
             assert config(client, "protected-mode") == "yes"
             client.set(KEYS.tenant("acme"), "record")
-            client.rpush(KEYS.transcript("s1"), b"turn-1", b"turn-2")
+            client.rpush(KEYS.transcript(SID), b"turn-1", b"turn-2")
             client.set("leased", "owner", px=600_000)
             # Redis writes the append-only file before it answers; only while a slow fsync is in progress does it
             # hold writes back (up to 2 s). Once its AOF buffer is empty they are in the file, and a killed process
@@ -100,7 +101,7 @@ def test_durable_server_restarts_after_kill_9_with_its_data_and_password(tmp_pat
 
         with server.client() as client:
             assert client.get(KEYS.tenant("acme")) == b"record"
-            assert client.lrange(KEYS.transcript("s1"), 0, -1) == [b"turn-1", b"turn-2"]
+            assert client.lrange(KEYS.transcript(SID), 0, -1) == [b"turn-1", b"turn-2"]
             assert 0 < client.pttl("leased") <= 600_000  # expiry times survive too
         # Without the password nothing can be read or written (nor an API key minted).
         with bare_client(port) as anonymous:
@@ -118,13 +119,13 @@ def test_durable_data_survives_a_clean_stop_and_a_new_server_on_another_port(tmp
     data_dir = tmp_path / "redis"
     with RedisServer(data_dir=data_dir, password=PASSWORD) as first:
         with first.client() as client:
-            client.hset(KEYS.session("s1"), mapping={"tenant": "acme", "turns": 3})
+            client.hset(KEYS.session(SID), mapping={"tenant": "acme", "turns": 3})
         first_port, first_pid = first.port, first.pid
     assert gone_or_reaped(first_pid)
     with RedisServer(data_dir=data_dir, password=PASSWORD) as second:
         assert second.port != first_port or second.pid != first_pid
         with second.client() as client:
-            assert client.hgetall(KEYS.session("s1")) == {b"tenant": b"acme", b"turns": b"3"}
+            assert client.hgetall(KEYS.session(SID)) == {b"tenant": b"acme", b"turns": b"3"}
 
 
 def test_stop_ends_supervision_and_leaves_no_process(tmp_path):

@@ -1,6 +1,7 @@
--- Append one transcript entry, fenced by owner and epoch, and charge the tenant in the same step.
--- KEYS: session hash, transcript, tenant's tokens-per-minute counter.
--- ARGV: owner, epoch, blob, tokens, turn increment, tokens to charge the tenant.
+-- Append one transcript entry, fenced by owner and epoch, charge the tenant and record the turn, in one step.
+-- KEYS: session hash, transcript, tenant's tokens-per-minute counter, the session's recent turns.
+-- ARGV: owner, epoch, blob, tokens, turn increment, tokens to charge the tenant,
+--       the turn's record (JSON, '' for none), how many recent turns to keep.
 -- Reply: the turn count after it; -1 fenced; -2 the session is gone.
 if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
@@ -11,4 +12,9 @@ if tonumber(ARGV[6]) > 0 then
   redis.call('INCRBY', KEYS[3], ARGV[6])
   redis.call('EXPIRE', KEYS[3], 120)
 end
-return redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
+local turns = redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
+if ARGV[7] ~= '' then
+  redis.call('LPUSH', KEYS[4], turns .. '|' .. ARGV[7])
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[8]) - 1)
+end
+return turns
