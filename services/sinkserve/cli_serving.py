@@ -248,27 +248,36 @@ def _run_redis(coro_factory, redis_url: Optional[str]):
         _fail(f"cannot reach Redis at {_redis_url(redis_url)}: {err} (is `sinkserve up` running?)", 1)
 
 
+# A tenant's quotas: each flag a LimitsConfig field (a flag not given takes the config's default, then env).
+TENANT_FLAGS = ConfigFlags.of("limits")
+
+
 @tenant_app.command("create")
+@TENANT_FLAGS
 def tenant_create(
     name: str = typer.Argument(..., help="tenant name (a-z, 0-9, '_', '.', '-')"),
-    max_sessions: Optional[int] = typer.Option(None, min=1, help="live sessions allowed (default: limits config)"),
-    tokens_per_minute: Optional[int] = typer.Option(None, min=1, help="tokens per minute (default: limits config)"),
     save: bool = typer.Option(True, help="save the key as `sinkserve chat`'s default"),
     redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: env, then what `up` saved)"),
+    *,
+    flags: GivenFlags,
 ) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
     from sinkserve.errors import TenantError
 
+    quotas = flags.section("limits")
+    _settings(flags, limits=quotas)  # a refused value exits 2 naming its flag, before Redis is asked
+
     async def create(store):
         try:
-            return await store.tenants.create(name, max_sessions, tokens_per_minute)
+            return await store.tenants.create(name, **quotas)
         except TenantError as err:
             _fail(str(err))
 
     tenant, api_key = _run_redis(create, redis_url)
     typer.echo(api_key)
     typer.secho(
-        f"tenant {tenant.name}: max {tenant.max_sessions} sessions, {tenant.tokens_per_minute} tokens/min",
+        f"tenant {tenant.name}: max {tenant.max_sessions} sessions, {tenant.tokens_per_minute} tokens/min, "
+        f"{tenant.requests_per_second:g} requests/s (burst {tenant.request_burst})",
         fg=typer.colors.BRIGHT_BLACK,
         err=True,
     )
@@ -305,9 +314,10 @@ def tenant_list(redis_url: Optional[str] = typer.Option(None, help="Redis URL"))
     if not result:
         typer.echo("no tenants")
         return
-    typer.echo(f"{'tenant':<24} {'sessions':>8} {'max':>8} {'tokens/min':>11}")
+    typer.echo(f"{'tenant':<24} {'sessions':>8} {'max':>8} {'tokens/min':>11} {'requests/s':>10} {'burst':>6}")
     for tenant, live in result:
-        typer.echo(f"{tenant.name:<24} {live:>8} {tenant.max_sessions:>8} {tenant.tokens_per_minute:>11}")
+        typer.echo(f"{tenant.name:<24} {live:>8} {tenant.max_sessions:>8} {tenant.tokens_per_minute:>11} "
+                   f"{tenant.requests_per_second:>10g} {tenant.request_burst:>6}")
 
 
 @tenant_app.command("delete")

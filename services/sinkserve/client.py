@@ -87,16 +87,18 @@ class SinkServeClient:
         return self.stub.CreateSession(request, metadata=_metadata(self.api_key), timeout=timeout).session
 
     def send_message(
-        self, session_id: str, text: str, settings: pb.GenerationSettings | None = None, timeout: float | None = None
+        self, session_id: str, text: str, settings: pb.GenerationSettings | None = None, timeout: float | None = None,
+        request_id: str = "",
     ) -> Iterator[pb.SendMessageEvent]:
-        """The turn's event stream; call ``.cancel()`` on it to hang up mid-reply."""
-        request = pb.SendMessageRequest(session_id=session_id, text=text, settings=settings)
+        """The turn's event stream; call ``.cancel()`` on it to hang up mid-reply. With a `request_id`, a retry of the
+        same message gets the recorded turn back (``finished.replayed``) instead of a second turn."""
+        request = pb.SendMessageRequest(session_id=session_id, text=text, settings=settings, request_id=request_id)
         return self.stub.SendMessage(request, metadata=_metadata(self.api_key), timeout=timeout)
 
-    def chat(self, session_id: str, text: str, **settings: Any) -> tuple[str, pb.TurnFinished]:
+    def chat(self, session_id: str, text: str, request_id: str = "", **settings: Any) -> tuple[str, pb.TurnFinished]:
         """Send one message and collect the whole reply: (text, final event)."""
         parts, final = [], None
-        for event in self.send_message(session_id, text, generation_settings(**settings)):
+        for event in self.send_message(session_id, text, generation_settings(**settings), request_id=request_id):
             if event.HasField("delta"):
                 parts.append(event.delta.text)
             else:
@@ -146,15 +148,17 @@ class AsyncSinkServeClient:
         return response.session
 
     def send_message(
-        self, session_id: str, text: str, settings: pb.GenerationSettings | None = None, timeout: float | None = None
+        self, session_id: str, text: str, settings: pb.GenerationSettings | None = None, timeout: float | None = None,
+        request_id: str = "",
     ):
-        """An async-iterable call; ``.cancel()`` hangs up."""
-        request = pb.SendMessageRequest(session_id=session_id, text=text, settings=settings)
+        """An async-iterable call; ``.cancel()`` hangs up. `request_id`: as for SinkServeClient.send_message."""
+        request = pb.SendMessageRequest(session_id=session_id, text=text, settings=settings, request_id=request_id)
         return self.stub.SendMessage(request, metadata=_metadata(self.api_key), timeout=timeout)
 
-    async def chat(self, session_id: str, text: str, **settings: Any) -> tuple[str, pb.TurnFinished]:
+    async def chat(self, session_id: str, text: str, request_id: str = "",
+                   **settings: Any) -> tuple[str, pb.TurnFinished]:
         parts, final = [], None
-        async for event in self.send_message(session_id, text, generation_settings(**settings)):
+        async for event in self.send_message(session_id, text, generation_settings(**settings), request_id=request_id):
             if event.HasField("delta"):
                 parts.append(event.delta.text)
             else:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from sinkserve.client import generation_settings
+from sinkserve.gateway.interceptors import RETRY_AFTER_KEY
 from sinkserve.v1 import sinkserve_pb2 as pb
 
 from .conftest import REPLICAS, SINKS, WINDOW, start_gateway_process, stop_process
@@ -133,14 +136,18 @@ def test_tenants_are_isolated(stack, client_factory):
     bob = client_factory(stack.tenant("bob"))
     session = alice.create_session()
     alice.chat(session.session_id, "secret", max_tokens=4)
+    random_id = uuid.uuid4().hex
     for call in (
-        lambda: bob.get_session(session.session_id),
-        lambda: bob.chat(session.session_id, "let me in", max_tokens=4),
-        lambda: bob.delete_session(session.session_id),
+        lambda sid: bob.get_session(sid),
+        lambda sid: bob.chat(sid, "let me in", max_tokens=4),
+        lambda sid: bob.delete_session(sid),
     ):
-        with pytest.raises(grpc.RpcError) as err:
-            call()
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        answers = []
+        for sid in (session.session_id, random_id):  # alice's session looks exactly like none at all
+            with pytest.raises(grpc.RpcError) as err:
+                call(sid)
+            answers.append((err.value.code(), err.value.details().replace(sid, "<id>")))
+        assert answers[0] == answers[1] == (grpc.StatusCode.NOT_FOUND, "session '<id>' not found")
     assert [s.session_id for s in bob.list_sessions().sessions] == []
     assert [s.session_id for s in alice.list_sessions().sessions] == [session.session_id]
     assert alice.get_session(session.session_id).turns == 1
@@ -183,6 +190,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(stack, client_factory)
         "negative temperature": ("hi", generation_settings(temperature=-1.0)),
         "zero repetition penalty": ("hi", generation_settings(repetition_penalty=0.0)),
         "empty stop string": ("hi", generation_settings(stop=[""])),
+        "top_k over the vocabulary": ("hi", generation_settings(top_k=60_000)),  # the replica's engine refuses it
+        "top_k of 2^32-1": ("hi", generation_settings(top_k=2**32 - 1)),  # the gateway's cap refuses it
     }
     for name, (text, settings) in cases.items():
         with pytest.raises(grpc.RpcError) as err:
@@ -192,6 +201,14 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(stack, client_factory)
     with pytest.raises(grpc.RpcError) as err:
         list(client.send_message("no-such-session", "hi"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    keys = stack.store.keys
+    head = keys.session(sid)[: -len(sid)]
+    for key in (keys.transcript(sid), keys.lease(sid), keys.busy(sid), keys.recent_turns(sid)):
+        named = key.removeprefix(head)  # an id that would name the session's other keys: never WRONGTYPE
+        for call in (lambda: client.get_session(named), lambda: list(client.send_message(named, "hi"))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         list(client.send_message("", "hi"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -216,18 +233,34 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(stack, client_factory)
     assert final.turn == 2
 
 
+def _one_minute_window_with(stack, seconds: float) -> None:
+    """Wait, if need be, until the current tokens-per-minute window has `seconds` left."""
+    left = stack.store.tenants.seconds_to_next_window()
+    if left < seconds:
+        time.sleep(left + 0.1)
+
+
 def test_tenant_quotas(stack, client_factory):
-    client = client_factory(stack.tenant("quota", max_sessions=2, tokens_per_minute=30))
+    client = client_factory(stack.tenant("quota", max_sessions=2, tokens_per_minute=200))
     first = client.create_session()
     client.create_session()
     with pytest.raises(grpc.RpcError) as err:
         client.create_session()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(client.list_sessions().sessions) == 2
-    client.chat(first.session_id, "use up the budget please", max_tokens=32)
+    _one_minute_window_with(stack, 30)
+    client.chat(first.session_id, "use up the budget please", max_tokens=32)  # may need 24 + 32 + 32 = 88
+    used = stack.loop.run(stack.store.tenants.tokens_used("quota"))
+    assert 0 < used <= 88
+    # A turn that fits the limit on its own (8 + 32 + max_tokens <= 200) but not beside what the first one used.
     with pytest.raises(grpc.RpcError) as err:
-        client.chat(first.session_id, "one more", max_tokens=4)
+        client.chat(first.session_id, "one more", max_tokens=200 - used - 40 + 1)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 0 <= int(dict(err.value.trailing_metadata())[RETRY_AFTER_KEY]) <= 60_000
+    with pytest.raises(grpc.RpcError) as err:  # one that never fits: said so, with no retry hint
+        client.chat(first.session_id, "one more", max_tokens=500)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "fewer max_tokens" in err.value.details()
+    assert RETRY_AFTER_KEY not in dict(err.value.trailing_metadata())
     assert client.get_session(first.session_id).turns == 1
     client.delete_session(first.session_id)
     client.create_session()  # deleting freed a live-session slot
@@ -405,3 +438,84 @@ def test_replica_metrics_are_exported_in_prometheus_format(stack, client_factory
         time.sleep(2)
     assert all(name in body for name in wanted), body[-2000:]
     assert resident_sessions(body) >= 1
+
+
+def test_concurrent_turns_never_charge_more_than_the_tokens_per_minute(stack, client_factory):
+    """20 turns at once against 300 tokens/min (each may need 2 + 32 + 16 = 50): the tokens charged stay within
+    the limit, and the turns refused get RESOURCE_EXHAUSTED with a retry hint."""
+    client = client_factory(stack.tenant("tpm300", tokens_per_minute=300))
+    sids = [client.create_session().session_id for _ in range(20)]
+    _one_minute_window_with(stack, 40)
+
+    def one(sid: str):
+        try:
+            return client.chat(sid, "hi", max_tokens=16)
+        except grpc.RpcError as err:
+            return err
+
+    with ThreadPoolExecutor(len(sids)) as pool:
+        results = list(pool.map(one, sids))
+    served = [r for r in results if isinstance(r, tuple)]
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert len(served) + len(refused) == 20 and served and refused
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert 0 <= int(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) <= 60_000
+    charged = stack.loop.run(stack.store.tenants.tokens_used("tpm300"))
+    assert charged <= 300
+    assert charged == sum(min(final.usage.total_tokens, 50) for _, final in served)  # each at most its reservation
+    assert stack.loop.run(stack.store.tenants.tokens_reserved("tpm300")) == 0
+
+
+def test_gateway_killed_mid_stream_the_session_is_served_again_within_10s(stack, client_factory):
+    """kill -9 of the gateway streaming a turn: nobody renews the session's lock and Ray does not cancel the
+    replica's generator, so the replica notices the lapsed lock and stops the turn, recording what it generated.
+    Within 10 s another gateway serves the session; no acknowledged turn is lost (the transcript's entries are
+    byte-identical); the cut turn is found by its request id; the replica is idle again."""
+    key = stack.tenant("gwkill")
+    survivor = client_factory(key)  # the in-process gateway
+    sid = survivor.create_session().session_id
+    for i in range(2):
+        survivor.chat(sid, f"fact {i}: the sea is wide", max_tokens=6, request_id=f"fact-{i}")
+    before = stack.loop.run(stack.store.sessions.transcript(sid))
+    owner = survivor.get_session(sid).owner_replica
+    process, address = start_gateway_process(stack)
+    try:
+        doomed = client_factory(key, address)
+        stream = doomed.send_message(sid, "a very long story", generation_settings(max_tokens=100_000),
+                                     request_id="story-1")
+        _first_delta(stream)
+        process.kill()
+        process.wait()
+        killed = time.monotonic()
+        while True:
+            try:
+                _, final = survivor.chat(sid, "are you back?", max_tokens=4, request_id="after-1")
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED, err.details()
+                assert time.monotonic() - killed < 10, "the session is still locked 10 s after its gateway died"
+                time.sleep(0.2)
+        assert time.monotonic() - killed < 10
+    finally:
+        stop_process(process)
+    after = stack.loop.run(stack.store.sessions.transcript(sid))
+    assert after[:2] == before  # acknowledged turns: nothing lost or rewritten
+    assert len(after) == 4 and final.turn == 4  # the cut turn (3), then the new one
+    text, replay = survivor.chat(sid, "a very long story", request_id="story-1")
+    assert replay.replayed and replay.turn == 3 and replay.finish_reason == pb.FINISH_REASON_ABORTED and text
+    _, duplicate = survivor.chat(sid, "fact 1: the sea is wide", request_id="fact-1")
+    assert duplicate.replayed and duplicate.turn == 2
+    assert stack.loop.run(stack.store.sessions.transcript_len(sid)) == 4  # the retries added nothing
+    info = survivor.get_session(sid)
+    assert not info.busy and info.turns == 4 and info.last_turn.request_id == "after-1" and info.last_turn.finished
+    seen = info.tokens_seen
+    time.sleep(1.0)
+    assert survivor.get_session(sid).tokens_seen == seen, "the orphaned turn is still generating"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the owner's load report shows no turn running
+        _, report = stack.loop.run(stack.store.replicas.loads([owner]))[owner]
+        if report is not None and report.queue == 0:
+            break
+        time.sleep(0.25)
+    assert report is not None and report.queue == 0

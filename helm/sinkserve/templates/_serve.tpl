@@ -18,7 +18,7 @@ The Redis password is not in here: the pods get it as SINKSERVE_REDIS__PASSWORD 
 {{- end }}
 {{- $router := dict "lease_ttl_s" .Values.router.leaseTtlS "load_factor" .Values.router.loadFactor }}
 {{- $redis := dict "url" (include "sinkserve.redisUrl" .) "key_prefix" .Values.redis.keyPrefix "socket_timeout_s" .Values.redis.socketTimeoutS }}
-{{- $limits := dict "max_sessions" (int .Values.limits.maxSessions) "tokens_per_minute" (int .Values.limits.tokensPerMinute) }}
+{{- $limits := dict "max_sessions" (int .Values.limits.maxSessions) "tokens_per_minute" (int .Values.limits.tokensPerMinute) "requests_per_second" .Values.limits.requestsPerSecond "request_burst" (int .Values.limits.requestBurst) }}
 {{- $ray := dict "namespace" .Values.ray.namespace "app_name" .Values.serve.appName }}
 {{- toYaml (dict "engine" $engine "replica" $replica "router" $router "redis" $redis "limits" $limits "ray" $ray) }}
 {{- end }}

@@ -230,7 +230,7 @@ class Turns:
                         phases.setdefault("first_token_s", ended - resident)
                         phases["decode_s"] = ended - max(first_text, resident)
                         turns = await asyncio.shield(self._commit(
-                            record, epoch, event, self._turn_record(event, reply, text, request_id)))
+                            record, epoch, event, self._turn_record(event, reply, text, request_id, turn_id)))
                         phases["commit_s"] = time.perf_counter() - ended
                         self.totals.add(phases)
                         self.metrics.observe_turn(phases)
@@ -247,7 +247,8 @@ class Turns:
                 if not finished:
                     # Cancelled (client hang-up, deadline, the lock lapsed) or failed: stop generating now and record
                     # the part of the reply the cache holds, so the transcript and the cache stay the same.
-                    await asyncio.shield(self._abort_and_record(record, epoch, sink, started, reply, text, request_id))
+                    await asyncio.shield(self._abort_and_record(record, epoch, sink, started, reply, text, request_id,
+                                                                turn_id))
                 raise
             finally:
                 if watch is not None:  # the event too: a cancellation can be lost in a Redis call (gh-86296)
@@ -311,13 +312,15 @@ class Turns:
                 sink.queue.put_nowait(Aborted("the turn was stopped: its gateway stopped holding the session"))
                 return
 
-    def _turn_record(self, final: TokenOutput, reply: list[str], message: str, request_id: str | None) -> TurnRecord:
+    def _turn_record(self, final: TokenOutput, reply: list[str], message: str, request_id: str | None,
+                     turn_id: str | None) -> TurnRecord:
         return TurnRecord(request_id or "", "".join(reply) + (final.text or ""), final.finish_reason or "eos",
-                          final.prompt_tokens, final.completion_tokens, self.replica_id, message_digest(message))
+                          final.prompt_tokens, final.completion_tokens, self.replica_id, message_digest(message),
+                          turn_id or "")
 
     async def _abort_and_record(self, record: SessionRecord, epoch: int, sink: TurnSink,
                                 started: asyncio.Future | None, reply: list[str] | None = None, message: str = "",
-                                request_id: str | None = None) -> None:
+                                request_id: str | None = None, turn_id: str | None = None) -> None:
         sid = record.session_id
         reply = [] if reply is None else reply
         try:
@@ -336,7 +339,7 @@ class Turns:
                 await self.drop(sid)  # a turn ran but left no record: rebuild from the log to be safe
             return  # the turn never started: the cache is as the transcript says
         try:
-            await self._commit(record, epoch, final, self._turn_record(final, reply, message, request_id))
+            await self._commit(record, epoch, final, self._turn_record(final, reply, message, request_id, turn_id))
         except SinkServeError:  # _commit already dropped the cache
             logger.warning("could not record the aborted turn of %s", sid, exc_info=True)
 

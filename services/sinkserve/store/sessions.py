@@ -49,6 +49,7 @@ class TurnRecord:
     completion_tokens: int
     replica: str
     message_digest: str = ""  # message_digest() of the user message
+    turn_id: str = ""  # the gateway's id of the turn (its session lock and token reservation)
     turn: int = 0  # the session's turn count after it (set by the store when it records the turn)
 
     @property
@@ -236,12 +237,15 @@ class Sessions:
 
         ``charge_tokens`` go to the tenant's tokens-per-minute counter in the same atomic step, so a turn is
         charged exactly when it is recorded (aborted turns included); ``turn`` (its result) joins the session's
-        recent turns in that step too, numbered with the turn count after the append.
+        recent turns in that step too, numbered with the turn count after the append. A turn whose gateway
+        reserved tokens for it (``turn.turn_id``) is charged at most that reservation, which the step releases.
         """
         counter = self.keys.tokens_per_minute(tenant or "-", time.time())
+        reservations = self.keys.tokens_reserved(tenant or "-")
         result = int(
             await self._append(
-                keys=[self.keys.session(sid), self.keys.transcript(sid), counter, self.keys.recent_turns(sid)],
+                keys=[self.keys.session(sid), self.keys.transcript(sid), counter, self.keys.recent_turns(sid),
+                      reservations],
                 args=[
                     replica_id,
                     epoch,
@@ -251,6 +255,7 @@ class Sessions:
                     charge_tokens if tenant else 0,
                     turn.to_json() if turn is not None else "",
                     RECENT_TURNS,
+                    turn.turn_id if turn is not None and tenant else "",
                 ],
             )
         )

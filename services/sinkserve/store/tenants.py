@@ -6,11 +6,12 @@ and lookups stay O(1) on every request.
 Quotas, each enforced atomically in Redis (Lua) so that every gateway shares them:
 
 - **tokens per minute**, in fixed one-minute windows. A turn reserves its worst case before it starts
-  (``reserve_tokens``: refused when used + reserved + worst > limit), the replica charges the turn's actual tokens
-  when it records it (``Sessions.append_transcript``), and the gateway releases the reservation after the turn
-  (``release_tokens``). A turn is charged once, and a reservation counts until released, so the tokens charged in
-  a minute never exceed the limit. Reservations are leases the turn's gateway renews: one whose gateway died
-  lapses after the lease instead of holding the quota.
+  (``reserve_tokens``: refused when used + reserved + worst > limit). The replica charges the turn's actual tokens
+  (as the engine counts them), at most its reservation, and releases the reservation in the same atomic step as it
+  records the turn (``Sessions.append_transcript``); the gateway releases it after the turn anyway
+  (``release_tokens``: a turn that was never recorded). A turn is charged once and its reservation counts until
+  then, so the tokens charged in a minute never exceed the limit. Reservations are leases the turn's gateway
+  renews: one whose gateway died lapses after the lease instead of holding the quota.
 - **requests per second**, a token bucket per tenant (``take_request``: rate and burst from the tenant record).
 """
 

@@ -209,3 +209,40 @@ def test_bench_finds_this_checkout_when_installed_editable():
     if root is None:
         pytest.skip("sinkserve is not installed editable here")
     assert (root / "benchmarks" / "run.py").is_file() and (root / "pyproject.toml").is_file()
+
+
+# ------------------------------------------------------------------------------------------- tenant quotas
+def test_tenant_create_flags_are_the_limits_config_fields():
+    from sinkserve.config import LimitsConfig
+
+    tenant = typer.main.get_command(app).commands["tenant"].commands["create"]  # type: ignore[attr-defined]
+    options = {name: opt for opt in tenant.params if opt.param_type_name == "option" for name in opt.opts}
+    assert {flag.field for _, flag in cli_serving.TENANT_FLAGS.entries} == set(LimitsConfig.model_fields)
+    for model, flag in cli_serving.TENANT_FLAGS.entries:
+        info = model.model_fields[flag.field]
+        assert options[flag.name].default is None and options[flag.name].help == info.description
+    assert {"--requests-per-second", "--request-burst", "--tokens-per-minute", "--max-sessions"} <= set(options)
+
+
+@pytest.mark.parametrize("flag", ["--request-burst", "--requests-per-second", "--tokens-per-minute", "--max-sessions"])
+def test_tenant_create_refuses_a_bad_quota_naming_the_flag_before_redis(flag):
+    result = invoke("tenant", "create", "acme", "--no-save", "--redis-url", "redis://127.0.0.1:1/0", flag, "0")
+    assert result.exit_code == 2, result.output
+    assert f"error: {flag}: " in result.output
+
+
+def test_tenant_create_stores_the_quotas_given(redis_server, monkeypatch):
+    import redis
+
+    from sinkserve.store import Keys
+
+    monkeypatch.setenv("SINKSERVE_REDIS__KEY_PREFIX", "cli-quotas")
+    result = invoke("tenant", "create", "acme", "--no-save", "--redis-url", redis_server.url,
+                    "--requests-per-second", "2.5", "--request-burst", "7", "--tokens-per-minute", "300")
+    assert result.exit_code == 0, result.output
+    assert "2.5 requests/s (burst 7)" in result.output
+    with redis.Redis.from_url(redis_server.url) as client:
+        record = client.hgetall(Keys("cli-quotas").tenant("acme"))
+    assert (record[b"requests_per_second"], record[b"request_burst"], record[b"tokens_per_minute"]) == (
+        b"2.5", b"7", b"300")
+    assert record[b"max_sessions"] == b"1000"  # not given: the config's default

@@ -114,7 +114,7 @@ class FakeBackend:
             call.session_id, "r-1", record.epoch, [1] * (prompt_tokens + completion_tokens), count_turn=True,
             tenant=record.tenant, charge_tokens=prompt_tokens + completion_tokens,
             turn=TurnRecord(call.request_id or "", text, reason, prompt_tokens, completion_tokens, "r-1",
-                            message_digest(call.text)),
+                            message_digest(call.text), call.turn_id or ""),
         )
 
 

@@ -66,3 +66,26 @@ async def test_recorded_turns_are_charged_to_the_tenant(store):
     await store.sessions.append_transcript(sid, "replica-a", 1, [3], count_turn=True)  # no tenant: not charged
     assert await store.tenants.tokens_used("acme") == 9
     assert 0 < store.tenants.seconds_to_next_window() <= 60
+
+
+async def test_a_recorded_turn_settles_its_reservation_in_the_same_step(store):
+    """The charge is the turn's actual tokens, at most what it reserved (a rebuild's re-ingest, counted by the
+    engine as prompt, is not the tenant's doing), and the reservation goes in the same atomic step."""
+    from sinkserve.store import TurnRecord
+
+    await store.tenants.create("acme", tokens_per_minute=1000)
+    sid = (await store.sessions.create_session("acme", max_sessions=10)).session_id
+    await store.ownership.claim(sid, 0, "replica-a", 10_000)
+    if store.tenants.seconds_to_next_window() < 2:
+        await asyncio.sleep(store.tenants.seconds_to_next_window())
+    for turn_id, actual in (("t1", 30), ("t2", 500)):
+        assert (await store.tenants.reserve_tokens("acme", turn_id, 100, 1000, 10_000)).granted
+        record = TurnRecord("", "x", "eos", actual - 1, 1, "replica-a", turn_id=turn_id)
+        await store.sessions.append_transcript(sid, "replica-a", 1, [1], count_turn=True, tenant="acme",
+                                               charge_tokens=actual, turn=record)
+        assert await store.tenants.tokens_reserved("acme") == 0
+    assert await store.tenants.tokens_used("acme") == 30 + 100
+    # No reservation (a turn without a gateway's): charged in full.
+    await store.sessions.append_transcript(sid, "replica-a", 1, [1], count_turn=True, tenant="acme", charge_tokens=7,
+                                           turn=TurnRecord("", "x", "eos", 6, 1, "replica-a"))
+    assert await store.tenants.tokens_used("acme") == 137
