@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import grpc
 from redis import exceptions as redis_exc
 
-from sinkserve.errors import NotOwner, ResourceExhausted, Unauthenticated, find_error
+from sinkserve.errors import InvalidArgument, NotOwner, ResourceExhausted, Unauthenticated, find_error
 from sinkserve.store import Tenant, Tenants
 
 logger = logging.getLogger("sinkserve.gateway")
@@ -147,17 +147,47 @@ def _trailers(answer: Answer, request_id: str) -> tuple[tuple[str, str], ...]:
     return tuple(trailers)
 
 
+class Undecodable(NamedTuple):
+    """A request whose bytes did not decode (corrupt protobuf, invalid UTF-8 in a string field): handed to the
+    error interceptor instead of failing inside grpc, which would answer UNKNOWN with a Python class name."""
+
+    error: str
+
+
+BAD_REQUEST = "the request could not be decoded (a corrupt message, or invalid UTF-8 in a string field)"
+
+
+def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, UnicodeDecodeError...
+            return Undecodable(_describe(exc))
+
+    return deserialize
+
+
 class ErrorInterceptor(_WrappingInterceptor):
-    """Every exception a handler (or an inner interceptor) raises becomes one status, here and nowhere else."""
+    """Every exception a handler (or an inner interceptor) raises becomes one status, here and nowhere else; a
+    request that does not decode is INVALID_ARGUMENT before any other interceptor or handler sees it."""
 
     def __init__(self, log: logging.Logger = logger):
         self.log = log
         self.wrappers = Wrappers(self._call, self._stream)
 
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await super().intercept_service(continuation, handler_call_details)
+        if handler is None or handler.request_deserializer is None or \
+                service_of(handler_call_details.method) in self.exempt:
+            return handler
+        return handler._replace(request_deserializer=tolerant(handler.request_deserializer))
+
     def _call(self, behaviour, method):
         async def call(request, context):
             _request_id.set(new_request_id())
             try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(BAD_REQUEST)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:  # the handler aborted the call itself
                 raise
@@ -170,6 +200,8 @@ class ErrorInterceptor(_WrappingInterceptor):
         async def stream(request, context):
             _request_id.set(new_request_id())
             try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(BAD_REQUEST)
                 async with aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         yield response

@@ -289,3 +289,26 @@ async def test_redis_down_is_unavailable_and_not_serving(make_gateway):
         reply = await health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                    timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("method", ["CreateSession", "GetSession", "SendMessage"])
+async def test_bytes_that_do_not_decode_are_invalid_argument(gw, method):
+    """Issue 11 item 8: invalid UTF-8 in a string field, or a corrupt message, is INVALID_ARGUMENT with a short
+    message and a request id, never UNKNOWN with a Python class name; the handler never runs."""
+    metadata = await gw.tenant(f"bytes-{method.lower()}")
+    bad_utf8 = b"\x0a\x03\xff\xfe\xfd"  # field 1, a string, holding bytes that are not UTF-8
+    corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # a length running past the end
+    path = f"/{pb.DESCRIPTOR.services_by_name['SinkServe'].full_name}/{method}"
+    for payload in (bad_utf8, corrupt):
+        if method == "SendMessage":
+            call = gw.channel.unary_stream(path)(payload, metadata=metadata, timeout=10)
+            caught = await refused(_drain_raw(call), grpc.StatusCode.INVALID_ARGUMENT)
+        else:
+            caught = await refused(gw.channel.unary_unary(path)(payload, metadata=metadata, timeout=10),
+                                   grpc.StatusCode.INVALID_ARGUMENT)
+        assert "decoded" in caught.details() and "Error" not in caught.details()
+    assert gw.backend.chats == []
+
+
+async def _drain_raw(call):
+    return [event async for event in call]
