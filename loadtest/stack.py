@@ -155,7 +155,8 @@ class LocalStack:
                 sys.executable, "-m", "sinkserve.cli", "tenant", "create", "loadtest",
                 "--redis-url", self.redis_url, "--no-save",
                 "--max-sessions", str(max_sessions),
-                "--tokens-per-minute", str(10**9),  # the load test measures the engine, not the quota
+                # the load test measures the engine, not the quotas
+                "--tokens-per-minute", str(10**9), "--requests-per-second", str(10**6), "--request-burst", str(10**6),
             ],  # fmt: skip
             env=self._env,
             capture_output=True,
