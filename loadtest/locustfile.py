@@ -36,23 +36,9 @@ from locust import User, events, task
 # grpcio must run its I/O on gevent's loop before any channel exists, or every call blocks all users.
 grpc_gevent.init_gevent()
 
+from loadtest.messages import SYSTEM_PROMPT, message  # noqa: E402
 from sinkserve.v1 import sinkserve_pb2 as pb  # noqa: E402
 from sinkserve.v1 import sinkserve_pb2_grpc as pb_grpc  # noqa: E402
-
-SENTENCES = (
-    "Tell me more about that.",
-    "What happened next in the story?",
-    "Can you summarise what we said so far in one line?",
-    "I was thinking about the weather on the coast this weekend.",
-    "Give me three ideas for a quick dinner.",
-    "Why do cats sit in boxes?",
-    "Let's switch topics: how do tides work?",
-    "Explain it again, but simpler.",
-    "Write a two-line poem about trains.",
-    "What is a good name for a small grey dog?",
-    "How long would it take to walk across the city?",
-    "Remind me what my first question was.",
-)
 
 
 @events.init_command_line_parser.add_listener
@@ -198,7 +184,7 @@ class EndlessChatUser(User):
         started = time.time()
         t0 = time.perf_counter()
         request = pb.CreateSessionRequest(
-            system_prompt="You are a friendly assistant in a long conversation.",
+            system_prompt=SYSTEM_PROMPT,
             default_settings=pb.GenerationSettings(
                 max_tokens=self.opts.max_tokens, temperature=self.opts.temperature, top_p=self.opts.top_p
             ),
@@ -222,8 +208,7 @@ class EndlessChatUser(User):
         return True
 
     def _message(self) -> str:
-        picked = self.rng.sample(SENTENCES, self.rng.randint(1, 3))
-        return f"(message {self.turns_done + 1}) " + " ".join(picked)
+        return message(self.rng, self.turns_done + 1)
 
     @task
     def turn(self) -> None:

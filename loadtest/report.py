@@ -118,6 +118,7 @@ def locust_history(csv_prefix: Path) -> dict[str, list[dict[str, float | None]]]
                 "p50": _number(row.get("50%")),
                 "p99": _number(row.get("99%")),
                 "total": _number(row.get("Total Request Count")),
+                "failures": _number(row.get("Total Failure Count")),
             }
         )
     return out
@@ -157,7 +158,7 @@ def memory_summary(rows: list[dict[str, Any]], t0: float, warmup_s: float) -> di
     }
 
 
-COUNTERS = ("parks", "unparks", "drops", "rebuilt", "steps")  # load-report counts since each replica started
+COUNTERS = ("parks", "unparks", "drops", "rebuilt", "refused_early", "steps")  # load-report counts since each replica started
 
 
 def replica_counters(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,6 +180,207 @@ def replica_counters(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_parked_sessions": max((v["parked"] for v in by_time.values()), default=0),
         "counters": totals,
         "parked_and_resumed": totals["parks"] > 0 and totals["unparks"] > 0,
+    }
+
+
+# ------------------------------------------------------------------------------------ where the time goes
+# The load report's cumulative engine-thread parts (seconds since the replica started): they add up to the
+# thread's wall time, less the loop's own bookkeeping.
+ENGINE_PARTS = {
+    "forward_s": "forward",
+    "sample_s": "sampling",
+    "output_s": "output (detokenising, stop strings, bookkeeping)",
+    "step_other_s": "rest of the step (planning, step inputs)",
+    "deliver_s": "handing tokens to the turns' queues",
+    "commands_s": "commands (park/unpark/rebuild, turn starts, views)",
+    "idle_s": "idle (no work, waiting for commands)",
+}
+STEP_PARTS = ("forward_s", "sample_s", "output_s", "step_other_s")  # what engine.step() itself takes
+TURN_PHASES = {
+    "queue_s": "queue (arrival until the cache is in a slot)",
+    "first_token_s": "first token (ingesting the message)",
+    "decode_s": "decode (first to last token)",
+    "commit_s": "commit (transcript append in Redis)",
+}
+MOVES = ("parks", "unparks", "drops", "rebuilt", "refused_early", "commands")
+_CUMULATIVE = tuple(ENGINE_PARTS) + tuple(TURN_PHASES) + MOVES + (
+    "steps", "decode_rows", "prefill_tokens", "turns", "rebuild_read_s")
+
+
+def _value(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    return _number(str(value))
+
+
+def window_deltas(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, float] | None:
+    """The replicas' cumulative load-report counters from their first to their last report inside
+    [start, end] (unix seconds), summed over replicas, with ``wall_s`` the replica-seconds between those
+    reports. None when no replica has two reports carrying the counters in the window."""
+    by_replica: dict[str, list[dict[str, Any]]] = {}
+    for row in samples:
+        t = _value(row, "unix_s")
+        if t is not None and start <= t <= end and _value(row, "forward_s") is not None:
+            by_replica.setdefault(str(row["replica_id"]), []).append(row)
+    totals: dict[str, float] = {}
+    replicas = 0
+    for rows in by_replica.values():
+        rows.sort(key=lambda r: float(r["unix_s"]))
+        first, last = rows[0], rows[-1]
+        if str(first.get("pid")) != str(last.get("pid")):  # the replica restarted: its counters did too
+            first = next(r for r in rows if str(r.get("pid")) == str(last.get("pid")))
+        first_ms, last_ms = _value(first, "reported_ms"), _value(last, "reported_ms")
+        wall = (last_ms - first_ms) / 1000 if first_ms and last_ms else float(last["unix_s"]) - float(first["unix_s"])
+        if wall <= 0:
+            continue
+        replicas += 1
+        totals["wall_s"] = totals.get("wall_s", 0.0) + wall
+        for key in _CUMULATIVE:
+            a, b = _value(first, key), _value(last, key)
+            if a is not None and b is not None:
+                totals[key] = totals.get(key, 0.0) + (b - a)
+    if not replicas:
+        return None
+    totals["replicas"] = replicas
+    return totals
+
+
+def time_breakdown(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """Where the engine thread's time and the turns' time went over [start, end], from the load reports."""
+    d = window_deltas(samples, start, end)
+    if d is None:
+        return {"measured": False}
+    wall = d["wall_s"]
+    parts = {key: d.get(key, 0.0) for key in ENGINE_PARTS}
+    accounted = sum(parts.values())
+    steps = d.get("steps", 0.0)
+    turns = d.get("turns", 0.0)
+    step_s = sum(parts[k] for k in STEP_PARTS)
+
+    def per(total: float, count: float, scale: float = 1.0, digits: int = 1) -> float | None:
+        return round(scale * total / count, digits) if count else None
+
+    return {
+        "measured": True,
+        "window_s": round(wall / d["replicas"], 1),
+        "replicas": d["replicas"],
+        "engine_share": {key: round(value / wall, 4) for key, value in parts.items()},
+        "unaccounted_share": round(1 - accounted / wall, 4),
+        "busy_share": round((accounted - parts["idle_s"]) / wall, 4),
+        "per_step": {
+            "steps": int(steps),
+            "steps_per_s": round(steps / wall, 1),
+            "decode_rows": per(d.get("decode_rows", 0.0), steps, digits=2),
+            "prefill_tokens": per(d.get("prefill_tokens", 0.0), steps, digits=2),
+            "step_ms": per(step_s, steps, 1000, 2),
+            "forward_ms": per(parts["forward_s"], steps, 1000, 2),
+            "deliver_ms": per(parts["deliver_s"], steps, 1000, 2),
+        },
+        "per_turn_ms": {key: per(d.get(key, 0.0), turns, 1000) for key in TURN_PHASES},
+        "turns": int(turns),
+        "rebuild_read_ms": per(d.get("rebuild_read_s", 0.0), turns, 1000, 2),
+        "moves": {key: int(d.get(key, 0)) for key in MOVES},
+    }
+
+
+def measured_throughput(csv_prefix: Path, start: float, end: float, tally: dict[str, Any]) -> dict[str, Any]:
+    """Successful turns/s (and failed turns/s) and generated tokens/s over [start, end] from Locust's per-second
+    history (the TURN rows' cumulative counts), tokens at the run's mean completion tokens per successful turn."""
+    rows = [r for r in locust_history(csv_prefix).get("TURN", []) if r["unix_s"] and r["total"] is not None]
+    inside = [r for r in rows if start <= r["unix_s"] <= end]
+    if len(inside) < 2:
+        return {"measured": False}
+    first, last = inside[0], inside[-1]
+    span = last["unix_s"] - first["unix_s"]
+    if span <= 0:
+        return {"measured": False}
+    turns = last["total"] - first["total"]
+    failed = (last.get("failures") or 0) - (first.get("failures") or 0)
+    ok_turns = int(tally.get("turns_ok", 0))
+    tokens_per_turn = int(tally.get("completion_tokens", 0)) / ok_turns if ok_turns else 0.0
+    return {
+        "measured": True,
+        "window_s": round(span, 1),
+        "turns_per_s": round((turns - failed) / span, 2),  # turns that succeeded: the goodput
+        "failed_per_s": round(failed / span, 2),
+        "tokens_per_s": round((turns - failed) * tokens_per_turn / span, 1),
+        "tokens_per_turn": round(tokens_per_turn, 2),
+    }
+
+
+def saturation(steps: list[dict[str, Any]], deadline_s: float) -> dict[str, Any]:
+    """Where TTFT p99 first crosses half the turn deadline: between which steps, at about how many chats
+    and turns/s (linear between the two steps)."""
+    limit_ms = deadline_s * 1000 / 2
+    ordered = sorted(steps, key=lambda s: s["users"])
+    best = max(ordered, key=lambda s: _turns_per_s(s) or 0.0, default=None)
+    out: dict[str, Any] = {
+        "limit_ms": limit_ms,
+        "peak_turns_per_s": _turns_per_s(best) if best else None,
+        "peak_at_users": best["users"] if best else None,
+    }
+    for i, step in enumerate(ordered):
+        p99 = step.get("ttft_p99_ms")
+        if p99 is None or p99 <= limit_ms:
+            continue
+        out["reached"] = True
+        out["first_over_users"] = step["users"]
+        if i == 0:
+            out["below_users"] = None
+            out["users"] = None
+            out["turns_per_s"] = _turns_per_s(step)
+            return out
+        prev = ordered[i - 1]
+        prev_p99 = prev.get("ttft_p99_ms") or 0.0
+        f = (limit_ms - prev_p99) / (p99 - prev_p99) if p99 > prev_p99 else 1.0
+        a, b = _turns_per_s(prev), _turns_per_s(step)
+        out["below_users"] = prev["users"]
+        out["users"] = round(prev["users"] + f * (step["users"] - prev["users"]))
+        out["turns_per_s"] = round(a + f * (b - a), 2) if a is not None and b is not None else None
+        return out
+    out["reached"] = False
+    return out
+
+
+def _turns_per_s(step: dict[str, Any]) -> float | None:
+    window = step.get("window") or {}
+    if window.get("measured"):
+        return window["turns_per_s"]
+    ok = step["turns"] - step.get("failed_turns", 0)
+    return round(ok / step["duration_s"], 2) if step.get("duration_s") else None
+
+
+def _tokens_per_s(step: dict[str, Any]) -> float | None:
+    window = step.get("window") or {}
+    return window["tokens_per_s"] if window.get("measured") else step.get("tokens_per_s")
+
+
+def batch_reached(step: dict[str, Any]) -> int | None:
+    """The mean decode rows per engine step over the measured window, rounded (at least 1)."""
+    rows = ((step.get("time") or {}).get("per_step") or {}).get("decode_rows")
+    return max(1, round(rows)) if rows is not None else None
+
+
+def attach_engine_alone(step: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """The stack's served rate against the engine alone at the batch the step reached (per replica)."""
+    batch = batch_reached(step)
+    figures = (baseline.get("by_batch") or {}).get(str(batch)) if batch else None
+    if not figures:
+        return
+    replicas = (step.get("time") or {}).get("replicas") or step["replica_state"].get("replicas") or 1
+    engine_rate = (figures.get("decode_tokens_per_s") or 0.0) * replicas
+    served = _tokens_per_s(step)
+    itl = step.get("itl_p50_ms")
+    step["engine_alone"] = {
+        **figures,
+        "replicas": replicas,
+        "engine_tokens_per_s": round(engine_rate, 1),
+        "served_tokens_per_s": served,
+        "served_share": round(served / engine_rate, 3) if served is not None and engine_rate else None,
+        "served_share_of_turn_rate": round(served / (figures["turn_tokens_per_s"] * replicas), 3)
+        if served is not None and figures.get("turn_tokens_per_s") else None,
+        "itl_p50_over_step": round(itl / figures["step_ms_p50"], 2) if itl and figures.get("step_ms_p50") else None,
     }
 
 
@@ -210,9 +412,18 @@ def step_summary(
     turns_ok = int(tally.get("turns_ok", 0))
     failed = int(tally.get("turns_failed", 0))
     sessions_served = int(tally.get("sessions_with_turns", 0))
+    window_start, window_end = t0 + warmup_s, t0 + duration_s
+    attempted = turns_ok + failed
+    whole_step = window_deltas(samples, float("-inf"), float("inf")) or {}
+    refused = int(whole_step.get("refused_early", 0))
     summary = {
         "users": users,
         "duration_s": duration_s,
+        "warmup_s": round(warmup_s, 1),
+        "window": measured_throughput(csv_prefix, window_start, window_end, tally),
+        "time": time_breakdown(samples, window_start, window_end),
+        "refused_early": refused,
+        "refused_early_share": round(refused / attempted, 4) if attempted else None,
         "spawn_rate": spawn_rate,
         "turns": turns_ok + failed,
         "failed_turns": failed,
@@ -247,6 +458,17 @@ def _mean_load(samples: list[dict[str, Any]]) -> float | None:
     loads = [_number(str(r.get("loadavg_1m"))) for r in samples if r.get("loadavg_1m") not in (None, "")]
     loads = [x for x in loads if x is not None]
     return round(statistics.mean(loads), 1) if loads else None
+
+
+def headline_index(steps: list[dict[str, Any]], largest_passing: int | None) -> int:
+    """The single run; in a sweep the largest step that met the 1 s p99 ITL target, or when none did, the step
+    that served the most generated tokens per second."""
+    if len(steps) == 1:
+        return 0
+    if largest_passing is not None:
+        return [s["users"] for s in steps].index(largest_passing)
+    rates = [_tokens_per_s(s) or 0.0 for s in steps]
+    return rates.index(max(rates))
 
 
 def passes_itl_target(step: dict[str, Any]) -> bool:
@@ -314,31 +536,112 @@ def plot_timeline(csv_prefix: Path, samples: list[dict[str, Any]], title: str, o
     return out_png
 
 
-def plot_sweep(steps: list[dict[str, Any]], title: str, out_png: Path) -> Path:
-    """p50/p99 inter-token latency and TTFT against the number of concurrent chats."""
+def plot_sweep(steps: list[dict[str, Any]], title: str, out_png: Path, deadline_s: float | None = None) -> Path:
+    """Against concurrent chats: turns/s and generated tokens/s; TTFT p50/p99 (with half the deadline, where
+    saturation is called); inter-token p50/p99 (with twice the engine-alone step time where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = sorted(steps, key=lambda s: s["users"])
     users = [s["users"] for s in steps]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, style, label in (
-        ("itl_p50_ms", "o-", "inter-token p50"),
-        ("itl_p99_ms", "o--", "inter-token p99"),
-        ("ttft_p99_ms", "s:", "TTFT p99"),
-    ):
-        ax.plot(users, [s.get(key) or float("nan") for s in steps], style, label=label)
+    nan = float("nan")
+    fig, axes = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    ax = axes[0]
+    ax.plot(users, [_turns_per_s(s) or nan for s in steps], "o-", color="tab:green", label="turns/s")
+    ax.set_ylabel("turns / s", color="tab:green")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(users, [_tokens_per_s(s) or nan for s in steps], "s--", color="tab:blue", label="generated tok/s")
+    engine = [((s.get("engine_alone") or {}).get("engine_tokens_per_s") or nan) for s in steps]
+    if any(e == e for e in engine):
+        twin.plot(users, engine, "^:", color="tab:gray", label="engine alone at the batch reached")
+    twin.set_ylabel("generated tokens / s", color="tab:blue")
+    twin.legend(loc="upper left", fontsize=8)
+    ax = axes[1]
+    for key, style, label in (("ttft_p50_ms", "o-", "TTFT p50"), ("ttft_p99_ms", "o--", "TTFT p99")):
+        ax.plot(users, [(s.get(key) or nan) / 1000 for s in steps], style, label=label)
+    if deadline_s:
+        ax.axhline(deadline_s / 2, color="red", linewidth=0.8, label=f"half the deadline ({deadline_s / 2:g} s)")
+        sat = saturation(steps, deadline_s)
+        if sat.get("users"):
+            ax.axvline(sat["users"], color="red", linestyle=":", linewidth=0.8, label=f"saturation ~{sat['users']} chats")
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token (s)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for key, style, label in (("itl_p50_ms", "o-", "inter-token p50"), ("itl_p99_ms", "o--", "inter-token p99")):
+        ax.plot(users, [s.get(key) or nan for s in steps], style, label=label)
+    twice = [2 * ((s.get("engine_alone") or {}).get("step_ms_p50") or nan) for s in steps]
+    if any(t == t for t in twice):
+        ax.plot(users, twice, "^:", color="tab:gray", label="2x engine-alone step at the batch reached")
     ax.axhline(ITL_TARGET_MS, color="red", linewidth=0.8, label="1 s")
     ax.set_yscale("log")
     ax.set_xlabel("concurrent endless chats")
-    ax.set_ylabel("ms")
-    ax.set_title(title)
+    ax.set_ylabel("inter-token latency (ms)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def plot_time(steps: list[dict[str, Any]], title: str, out_png: Path) -> Path | None:
+    """Where the time goes, one bar per step: the engine thread's wall time by part, the mean turn by phase,
+    and the mean engine step (ms, with decode rows and prefill tokens per step)."""
+    steps = [s for s in sorted(steps, key=lambda s: s["users"]) if (s.get("time") or {}).get("measured")]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(s["users"]) for s in steps]
+    x = list(range(len(steps)))
+    fig, axes = plt.subplots(3, 1, figsize=(11, 11))
+    ax = axes[0]
+    bottom = [0.0] * len(steps)
+    colors = plt.get_cmap("tab10").colors
+    for i, (key, label) in enumerate(ENGINE_PARTS.items()):
+        values = [100 * s["time"]["engine_share"].get(key, 0.0) for s in steps]
+        ax.bar(x, values, bottom=bottom, label=label, color=colors[i % len(colors)])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("engine thread wall time (%)")
+    ax.set_ylim(0, 105)
+    ax.set_xticks(x, labels)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    ax = axes[1]
+    bottom = [0.0] * len(steps)
+    for i, (key, label) in enumerate(TURN_PHASES.items()):
+        values = [(s["time"]["per_turn_ms"].get(key) or 0.0) / 1000 for s in steps]
+        ax.bar(x, values, bottom=bottom, label=label, color=colors[(i + 3) % len(colors)])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("mean turn (s)")
+    ax.set_xticks(x, labels)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    ax = axes[2]
+    ax.bar(x, [s["time"]["per_step"].get("step_ms") or 0.0 for s in steps], color="tab:gray", label="ms per step")
+    ax.set_ylabel("ms per engine step")
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("concurrent endless chats")
+    twin = ax.twinx()
+    twin.plot(x, [s["time"]["per_step"].get("decode_rows") or 0.0 for s in steps], "o-", color="tab:blue",
+              label="decode rows / step")
+    twin.plot(x, [s["time"]["per_step"].get("prefill_tokens") or 0.0 for s in steps], "s--", color="tab:orange",
+              label="prefill tokens / step")
+    twin.set_ylabel("rows or tokens per step")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.1, 1), borderaxespad=0)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return out_png
 
@@ -367,6 +670,178 @@ def _mb(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f} MiB"
 
 
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _saturation_line(sat: dict[str, Any], deadline_s: float) -> str:
+    limit = f"TTFT p99 over half the {deadline_s:g} s turn deadline ({sat['limit_ms'] / 1000:g} s)"
+    peak = (f" Peak throughput: {sat['peak_turns_per_s']} turns/s at {sat['peak_at_users']} chats."
+            if sat.get("peak_turns_per_s") is not None else "")
+    if not sat.get("reached"):
+        return f"**Saturation ({limit}): not reached by any step.**{peak}"
+    if sat.get("below_users") is None:
+        return (f"**Saturation ({limit}): already at the smallest step, {sat['first_over_users']} chats "
+                f"({sat.get('turns_per_s')} turns/s).**{peak}")
+    return (f"**Saturation ({limit}): between {sat['below_users']} and {sat['first_over_users']} chats, about "
+            f"{sat['users']} chats and {sat['turns_per_s']} turns/s (linear between the steps).**{peak}")
+
+
+def _engine_alone_lines(run: dict[str, Any]) -> list[str]:
+    rows = [s for s in run["steps"] if s.get("engine_alone")]
+    baseline = run.get("engine_alone") or {}
+    if not rows:
+        if baseline.get("skipped"):
+            return [f"Engine-alone baseline: not run ({baseline['skipped']}).", ""]
+        return []
+    threads = baseline.get("threads")
+    cfg = run["config"]
+    lines = [
+        "### Served rate against the engine alone",
+        "",
+        "After the stack stopped, the same engine (same checkpoint, dtype, weights, cache, slots"
+        + (f"; {threads} torch thread(s)" if threads else "")
+        + ") ran in the load-test process on its own at the batch each step reached (mean decode rows per engine "
+        "step in the measured window), with turns of the same shape (the users' messages, the same new tokens "
+        "per turn); `loadtest/baseline.py`. *Engine decode* is its rate over steps in which every row decodes "
+        "(the issue's engine-alone figure); *engine turns* is the whole cycle, ingesting every message and "
+        "decoding every reply, all turns arriving at once. Served = the stack's generated tok/s over the "
+        "measured window"
+        + (" (per replica, times the replicas)" if any(r["engine_alone"].get("replicas", 1) > 1 for r in rows) else "")
+        + ".",
+        "",
+        "| chats | batch reached | served tok/s | engine decode tok/s | served share | engine turns tok/s | "
+        "share of that | engine step p50 | ITL p50 | ITL p50 / step |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in rows:
+        e = s["engine_alone"]
+        lines.append(
+            f"| {s['users']} | {e['batch']} ({_fmt(s['time']['per_step']['decode_rows'], 2)}) | "
+            f"{_fmt(e['served_tokens_per_s'])} | {_fmt(e['engine_tokens_per_s'])} | **{_pct(e['served_share'])}** | "
+            f"{_fmt((e.get('turn_tokens_per_s') or 0) * e.get('replicas', 1))} | {_pct(e.get('served_share_of_turn_rate'))} | "
+            f"{_fmt(e['step_ms_p50'], 1)} ms | {_ms(s.get('itl_p50_ms'))} | {_fmt(e.get('itl_p50_over_step'), 2)}x |"
+        )
+    lines.append("")
+    for count, f in (baseline.get("other_threads") or {}).items():
+        omp = cfg.get("replica_omp_num_threads")
+        why = (f" (the OMP_NUM_THREADS Ray sets in a replica reserving {cfg['replica_cpus']:g} CPU)"
+               if omp is not None and str(omp) == str(count) and cfg.get("replica_cpus") is not None else "")
+        lines += [
+            f"With {count} torch thread(s){why} instead, the engine alone at batch "
+            f"{f['batch']} decodes {_fmt(f['decode_tokens_per_s'])} tok/s ({_fmt(f['step_ms_p50'])} ms a step; "
+            f"whole turns {_fmt(f['turn_tokens_per_s'])} tok/s).",
+            "",
+        ]
+    again = baseline.get("measured_again")
+    if again:
+        lines += [f"Engine-alone figures measured again on {again['date']} (`{again['command']}`), the stack not "
+                  f"started again{': ' + again['note'] if again.get('note') else '.'}", ""]
+    if baseline.get("by_batch"):
+        loads = [f.get("loadavg_1m") for f in baseline["by_batch"].values() if f.get("loadavg_1m") is not None]
+        if loads:
+            lines += [f"Machine load average while the baseline ran: {min(loads):g}–{max(loads):g} (1 min).", ""]
+    lines += [
+        "Targets (issue 17): served at least 60% of the engine alone at the same batch; inter-token p50 at most "
+        "2x the engine's step time at that batch. A step below saturation serves what its users ask for "
+        "(think time bounds the demand), so its share says little; the saturated steps measure the stack.",
+        "",
+    ]
+    return lines
+
+
+def _time_lines(run: dict[str, Any]) -> list[str]:
+    steps = [s for s in run["steps"] if (s.get("time") or {}).get("measured")]
+    if not steps:
+        return []
+    head = " | ".join(str(s["users"]) for s in steps)
+    sep = "|".join("---:" for _ in steps)
+    lines = [
+        "### Where the time goes",
+        "",
+        "From the replicas' load reports (cumulative counters, sampled every 2 s), their deltas over each step's "
+        "measured window (after warm-up). The engine thread's parts add up to its wall time (less the loop's "
+        "own bookkeeping, the unaccounted row); turn phases are means over the turns that finished in the "
+        "window. Columns: concurrent chats.",
+        "",
+        f"| engine thread, share of wall time | {head} |",
+        f"|---|{sep}|",
+    ]
+    for key, label in ENGINE_PARTS.items():
+        lines.append(f"| {label} | " + " | ".join(_pct(s["time"]["engine_share"].get(key)) for s in steps) + " |")
+    lines.append("| unaccounted | " + " | ".join(_pct(s["time"].get("unaccounted_share")) for s in steps) + " |")
+    lines += ["", f"| per engine step | {head} |", f"|---|{sep}|"]
+    for key, label in (("steps_per_s", "steps / s"), ("decode_rows", "decode rows"),
+                       ("prefill_tokens", "prefill tokens"), ("step_ms", "ms per step (engine.step)"),
+                       ("forward_ms", "of which forward, ms"), ("deliver_ms", "handing tokens on, ms")):
+        lines.append(f"| {label} | " + " | ".join(_fmt(s["time"]["per_step"].get(key), 2) for s in steps) + " |")
+    lines += ["", f"| per turn (mean) | {head} |", f"|---|{sep}|"]
+    for key, label in TURN_PHASES.items():
+        lines.append(f"| {label} | " + " | ".join(_ms(s["time"]["per_turn_ms"].get(key)) for s in steps) + " |")
+    lines.append("| turns finished in the window | " + " | ".join(str(s["time"]["turns"]) for s in steps) + " |")
+    lines += ["", f"| residency moves in the window | {head} |", f"|---|{sep}|"]
+    for key in MOVES:
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(s["time"]["moves"].get(key, 0)) for s in steps) + " |")
+    lines.append("")
+    return lines
+
+
+def _profile_lines(run: dict[str, Any]) -> list[str]:
+    prof = run.get("profile")
+    if not prof:
+        return []
+    if not prof.get("ok"):
+        return [f"Profile (py-spy) of the replica: not taken ({prof.get('error', 'unknown error')}).", ""]
+    busy = next((s.get("replica_busy_threads") for s in run["steps"] if s["users"] == prof["users"]), None) or {}
+    cpu_by_tid = {row["tid"]: row["cpu_share"] for rows in busy.values() for row in rows}
+    lines = [
+        "### Profile of the replica process (py-spy)",
+        "",
+        f"py-spy on the replica's pid during the {prof['users']}-chat step, from {prof['started_after_s']:.0f} s into "
+        "it: first every thread that is not blocked in a wait (on a CPU, or waiting for the GIL), then only the "
+        "thread holding the GIL. CPU share per thread is from /proc over the whole step (its user + system time "
+        "over wall time).",
+        "",
+    ]
+    for kind, heading in (("all", "all busy threads"), ("gil", "the GIL holder only")):
+        rec = prof.get(kind) or {}
+        if not rec.get("ok"):
+            if kind == "gil" and rec:
+                lines += [f"GIL profile not taken: {rec.get('error')}.", ""]
+            continue
+        summary = rec["summary"]
+        lines += [
+            f"**{heading}** (`{rec['command'].split(' -o ')[0]}`): {summary['samples']} samples = "
+            f"{summary['cpu_s_sampled']} thread-seconds in {summary['seconds']:g} s.",
+            "",
+            "| thread | samples | share of the wall time | CPU share (/proc) |",
+            "|---|---:|---:|---:|",
+        ]
+        for t in summary["threads"]:
+            tid = t["thread"].rpartition("[")[2].rstrip("]")
+            cpu = cpu_by_tid.get(int(tid)) if tid.isdigit() else None
+            lines.append(f"| {t['thread']} | {t['samples']} | {_pct(t['busy_share_of_wall'])} | {_pct(cpu)} |")
+        lines += ["", "Threads other than the engine loop, by what their innermost recognised frame belongs to:", "",
+                  "| what | samples | share of those | share of the wall time |", "|---|---:|---:|---:|"]
+        for c in summary["outside_engine_by_category"]:
+            lines.append(f"| {c['what']} | {c['samples']} | {_pct(c['share_of_outside'])} | "
+                         f"{_pct(c['busy_share_of_wall'])} |")
+        lines += ["", "Top frames by own samples:", "", "| frame | share |", "|---|---:|"]
+        for f in summary["top_own"][:10]:
+            lines.append(f"| `{f['what']}` | {_pct(f['share'])} |")
+        lines += ["", "Top functions including their callees:", "", "| function | share |", "|---|---:|"]
+        for f in summary["top_inclusive"][:10]:
+            lines.append(f"| `{f['what']}` | {_pct(f['share'])} |")
+        lines.append("")
+    if prof.get("finding"):
+        lines += [prof["finding"], ""]
+    return lines
+
+
 def render_markdown(data: dict[str, Any], md_path: Path) -> None:
     lines = [
         "# Load test: many concurrent endless chats",
@@ -383,6 +858,15 @@ def render_markdown(data: dict[str, Any], md_path: Path) -> None:
         "samples each replica's RSS from the pid in its load report, and stops everything it started.",
         "Raw output (Locust CSVs, the Locust HTML report, replica samples) goes to `loadtest/results/<run>/` on",
         "the machine that ran it and is not kept in git; this page and `loadtest.json` keep the summaries.",
+        "",
+        "Each run names the model's dtype and weight format and the CPU with its vector extensions (AVX2, AVX512,",
+        "AVX512-BF16, VNNI, AMX: the fastest kernels differ between them, so figures compare only within one",
+        "machine kind). With the local stack the report also says where the time goes (the replicas' load reports:",
+        "the engine thread's time by part, per-step batch and per-turn phases, over each step's measured window",
+        "after warm-up), and runs the engine alone in the load-test process at the batch each step reached, so the",
+        "served rate is a share of the engine's, measured in the same run on the same machine. A sweep (several",
+        "`--users`) names its saturation point: where TTFT p99 crosses half the turn deadline. The machine load",
+        "average is recorded throughout: other jobs on the same cores inflate latencies and lower throughput.",
         "",
     ]
     for name, run in data.get("runs", {}).items():
@@ -401,6 +885,7 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"- run `{name}`, {run['date']}, {run['machine']}",
         f"- command: `{run['command']}`",
         f"- model: {cfg['model']}",
+        f"- CPU: {run['cpu']}" if run.get("cpu") else "- CPU: not recorded (this run predates the CPU line)",
         f"- stack: {cfg['target']}"
         + (f"; {cfg['replicas']} replica(s) × {cfg['slots']} KV slots" if cfg.get("replicas") else "")
         + (f", cache {cfg['sinks']} sinks + {cfg['window']} window entries per session" if cfg.get("sinks") else ""),
@@ -411,22 +896,41 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
     steps = run["steps"]
     if len(steps) > 1:
         lines += [
-            "| chats | turns | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tokens/s | peak replica RSS | load avg |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| chats | turns | turns/s | generated tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | failed (by status) "
+            "| refused early | peak replica RSS | load avg |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
         for s in steps:
+            by_code = ", ".join(f"{code} {n}" for code, n in s["failures_by_code"].items())
+            refused = s.get("refused_early")
+            share = s.get("refused_early_share")
             lines.append(
-                f"| {s['users']} | {s['turns']} | {s['failed_turns']} | {_ms(s['ttft_p50_ms'])} | "
-                f"{_ms(s['ttft_p99_ms'])} | {_ms(s['itl_p50_ms'])} | {_ms(s['itl_p99_ms'])} | "
-                f"{s['tokens_per_s']} | {_mb(s['peak_replica_rss_mb'])} | {s.get('machine_load_avg') or '–'} |"
+                f"| {s['users']} | {s['turns']} | {_fmt(_turns_per_s(s))} | {_fmt(_tokens_per_s(s))} | "
+                f"{_ms(s['ttft_p50_ms'])} | {_ms(s['ttft_p99_ms'])} | {_ms(s['itl_p50_ms'])} | {_ms(s['itl_p99_ms'])} | "
+                f"{s['failed_turns']}{f' ({by_code})' if by_code else ''} | "
+                f"{'–' if refused is None else f'{refused} ({100 * (share or 0):.1f}%)'} | "
+                f"{_mb(s['peak_replica_rss_mb'])} | {s.get('machine_load_avg') or '–'} |"
             )
+        lines.append("")
+        if any((s.get("window") or {}).get("measured") for s in steps):
+            lines += [
+                "turns/s (successful turns) and generated tok/s are over each step's measured window (after its "
+                "warm-up); refused early: "
+                "turns the replica refused at once (RESOURCE_EXHAUSTED) because they could not start before their "
+                "deadline, as a share of the step's turns.",
+                "",
+            ]
+        sat = saturation(steps, cfg["turn_timeout_s"])
+        lines += [_saturation_line(sat, cfg["turn_timeout_s"]), ""]
         best = run.get("largest_passing_users")
         lines += [
-            "",
             f"**Largest number of concurrent chats with p99 inter-token latency under 1 s and no failed turn: "
             f"{best if best is not None else 'none of the steps'}.**",
             "",
         ]
+    lines += _engine_alone_lines(run)
+    lines += _time_lines(run)
+    lines += _profile_lines(run)
     lines += [
         "| headline | value |",
         "|---|---|",
@@ -437,7 +941,17 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"| TTFT p50 / p99 | {_ms(head['ttft_p50_ms'])} / {_ms(head['ttft_p99_ms'])} |",
         f"| inter-token latency p50 / p99 | {_ms(head['itl_p50_ms'])} / {_ms(head['itl_p99_ms'])} |",
         f"| whole turn p50 / p99 | {_ms(head['turn_p50_ms'])} / {_ms(head['turn_p99_ms'])} |",
-        f"| generated tokens / s | {head['tokens_per_s']} |",
+        f"| generated tokens / s (whole run) | {head['tokens_per_s']} |",
+    ]
+    if (head.get("window") or {}).get("measured"):
+        w = head["window"]
+        lines.append(f"| turns / s and generated tokens / s, measured window ({w['window_s']:.0f} s after "
+                     f"{head['warmup_s']:.0f} s warm-up) | {w['turns_per_s']} / {w['tokens_per_s']} |")
+    if head.get("engine_alone"):
+        e = head["engine_alone"]
+        lines.append(f"| served share of the engine alone at the batch reached ({e['batch']}) | "
+                     f"{_pct(e['served_share'])} of {_fmt(e['engine_tokens_per_s'])} tok/s |")
+    lines += [
         f"| peak replica RSS | {_mb(head['peak_replica_rss_mb'])} |",
         f"| sessions served / KV slots | {head['sessions_served']} / {head['replica_state']['total_slots']} |",
     ]
@@ -504,12 +1018,45 @@ def refresh_run(run: dict[str, Any], root: Path) -> None:
         step_dir = results if len(run["steps"]) == 1 else results / f"u{old['users']}"
         samples = read_csv(step_dir / "replicas.csv")
         tally = json.loads((step_dir / "tally.json").read_text())
-        steps.append(step_summary(old["users"], cfg["duration_s"], cfg["spawn_rate"], step_dir / "locust", tally, samples))
-    headline_users = run["headline"]["users"]
+        step = step_summary(old["users"], cfg["duration_s"], cfg["spawn_rate"], step_dir / "locust", tally, samples)
+        for key in ("replica_busy_threads",):  # measured live from /proc, not in the raw files
+            if key in old:
+                step[key] = old[key]
+        steps.append(step)
     run["steps"] = steps
-    run["headline"] = next(s for s in steps if s["users"] == headline_users)
+    if (run.get("engine_alone") or {}).get("by_batch"):
+        for step in steps:
+            attach_engine_alone(step, run["engine_alone"])
     passing = [s["users"] for s in steps if passes_itl_target(s)]
     run["largest_passing_users"] = max(passing) if passing else None
+    run["headline"] = steps[headline_index(steps, run["largest_passing_users"])]
+    run["saturation"] = saturation(steps, cfg["turn_timeout_s"])
+
+
+def replot(name: str, run: dict[str, Any], docs_dir: Path, root: Path) -> None:
+    """Draw a run's plots again: the sweep and where-the-time-goes plots from its entry, the timeline from its
+    raw output when that is on this machine. The run's image list is kept in step."""
+    steps = run["steps"]
+    label = run["config"]["model"].split(" (")[0]
+    images = []
+    raw = root / run["results_dir"]
+    headline = run["headline"]
+    step_dir = raw if len(steps) == 1 else raw / f"u{headline['users']}"
+    timeline = docs_dir / "img" / f"loadtest_{name}.png"
+    if (step_dir / "locust_stats_history.csv").exists():
+        plot_timeline(step_dir / "locust", read_csv(step_dir / "replicas.csv"),
+                      f"{name}: {headline['users']} endless chats ({label})", timeline)
+    if timeline.exists():
+        images.append(f"img/{timeline.name}")
+    if len(steps) > 1:
+        sweep = plot_sweep(steps, f"{name}: against concurrent chats ({label})",
+                           docs_dir / "img" / f"loadtest_{name}_sweep.png", run["config"]["turn_timeout_s"])
+        images.insert(0, f"img/{sweep.name}")
+    where = plot_time(steps, f"{name}: where the time goes (measured window of each step)",
+                      docs_dir / "img" / f"loadtest_{name}_time.png")
+    if where is not None:
+        images.insert(1 if len(steps) > 1 else 0, f"img/{where.name}")
+    run["images"] = images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -520,8 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--note", nargs=2, metavar=("RUN", "TEXT"), help="set the note printed above RUN's figures")
     parser.add_argument("--refresh", action="store_true",
-                        help="recompute every run's figures from its raw files in loadtest/results/ first "
-                             "(runs whose raw files are not on this machine are kept as they are)")
+                        help="recompute every run's figures and plots from its raw files in loadtest/results/ "
+                             "first (runs whose raw files are not on this machine are kept as they are)")
     args = parser.parse_args(argv)
     json_path = args.docs_dir / "loadtest.json"
     data = json.loads(json_path.read_text())
@@ -532,6 +1079,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}: no raw output in {run['results_dir']} (not kept in git); figures kept", file=sys.stderr)
                 continue
             refresh_run(run, root)
+            replot(name, run, args.docs_dir, root)
         json_path.write_text(json.dumps(data, indent=2) + "\n")
     if args.note:
         name, text = args.note

@@ -10,6 +10,11 @@ headless as a subprocess, samples the replicas' memory, and stops everything it 
 comma-separated --users values run one after another against the same stack (a sweep). Output:
 raw files in loadtest/results/<name>/, plots in docs/img/loadtest_<name>*.png, the run's entry in
 docs/loadtest.json and docs/loadtest.md re-rendered from all entries.
+
+With the local stack, once it has stopped, the engine also runs on its own in this process at the batch
+each step reached (loadtest/baseline.py), so the report gives the stack's served rate as a share of the
+engine's, measured in the same run on the same machine (--no-engine-baseline skips it). --profile-users N
+samples the replica process with py-spy during the N-chat step.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from loadtest import report
-from loadtest.stack import LocalStack, MemorySampler, prepare_model
+from loadtest.stack import LocalStack, MemorySampler, cpu_info, describe_cpu, prepare_model, process_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -57,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="engine dtype of the local stack (default float32; bfloat16 is faster on CPUs with "
                              "AVX512-BF16 or AMX)")
+    parser.add_argument("--weights", choices=("dense", "int4"), default="dense",
+                        help="engine weight format of the local stack (default dense; int4 needs --dtype bfloat16)")
     parser.add_argument("--sinks", type=int, default=4, help="attention-sink entries per session (default 4)")
     parser.add_argument("--window", type=int, default=252, help="window entries per session (default 252)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
@@ -75,11 +84,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, help="raw output (default: loadtest/results/<name>)")
     parser.add_argument("--docs-dir", type=Path, default=ROOT / "docs", help="where loadtest.md/.json and img/ go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-engine-baseline", dest="engine_baseline", action="store_false",
+                        help="skip the engine-alone baseline that runs after the local stack stops")
+    parser.add_argument("--baseline-rounds", type=int, default=2,
+                        help="rounds of turns per batch in the engine-alone baseline, the first one warm-up (default 2)")
+    parser.add_argument("--replica-cpus", type=float, default=1,
+                        help="CPUs Ray reserves per replica (default 1; Ray sets the replica's OMP_NUM_THREADS to it, "
+                             "at least 1, unless the environment sets it)")
+    parser.add_argument("--baseline-threads", type=int,
+                        help="torch threads of the engine-alone baseline (default: torch's, all cores: the replica's "
+                             "matrix products run on all cores too, see docs/loadtest.md); the largest batch is also "
+                             "measured with the replica's OMP_NUM_THREADS")
+    parser.add_argument("--profile-users", type=int,
+                        help="profile the replica with py-spy during the step with this many chats (local stack)")
+    parser.add_argument("--profile-seconds", type=float, default=30,
+                        help="py-spy sampling time, twice: all busy threads, then only the GIL holder (default 30)")
     args = parser.parse_args(argv)
     if args.target and not args.api_key:
         parser.error("--target needs --api-key (or SINKSERVE_API_KEY)")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.weights == "int4" and args.dtype == "float32":
+        parser.error("--weights int4 needs --dtype bfloat16")
+    if args.baseline_rounds < 2:
+        parser.error("--baseline-rounds must be >= 2 (the first round is warm-up)")
+    if args.profile_users is not None and args.profile_users not in args.users:
+        parser.error(f"--profile-users {args.profile_users} is not one of --users {args.users}")
     if args.think_max < args.think_min:
         parser.error("--think-max must be >= --think-min")
     for flag in ("spawn_rate", "duration", "replicas", "slots", "window", "max_tokens", "turn_timeout"):
@@ -117,7 +147,8 @@ def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str,
         "--summary-json", str(out_dir / "tally.json"),
         "--seed", str(args.seed),
     ]  # fmt: skip
-    env = {**os.environ, "SINKSERVE_API_KEY": api_key, "PYTHONPATH": str(ROOT)}
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "SINKSERVE_API_KEY": api_key, "PYTHONPATH": pythonpath}
     env.pop("LOCUST_API_KEY", None)
     with (out_dir / "locust.out").open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -145,25 +176,91 @@ def _sigterm(*_) -> None:
     raise KeyboardInterrupt  # so `timeout` or a kill by pid still stops the stack this run started
 
 
+class ReplicaProfiler(threading.Thread):
+    """py-spy on the (first) replica's pid, `delay_s` into a step, for `seconds`; the pid comes from the
+    load reports the sampler has read by then."""
+
+    def __init__(self, sampler: MemorySampler, delay_s: float, seconds: float, out_path: Path, users: int):
+        super().__init__(name="replica-profiler", daemon=True)
+        self.sampler, self.delay_s, self.seconds, self.out_path, self.users = sampler, delay_s, seconds, out_path, users
+        self.result: dict = {"ok": False, "error": "the step ended before the profile started"}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from loadtest import profile
+
+        if self._halt.wait(self.delay_s):
+            return
+        pids = [int(r["pid"]) for r in self.sampler.rows if r.get("pid")]
+        if not pids:
+            self.result = {"ok": False, "error": "no load report carried the replica's pid"}
+            return
+        pid = pids[-1]
+        result: dict = {"ok": False, "users": self.users, "pid": pid, "started_after_s": self.delay_s}
+        for kind, gil in (("all", False), ("gil", True)):
+            _print(f"profiling replica pid {pid} with py-spy{' --gil' if gil else ''} for {self.seconds:.0f}s ...")
+            raw = self.out_path.with_name(f"{self.out_path.stem}-{kind}.raw")
+            recorded = profile.record(pid, self.seconds, raw, gil=gil)
+            if recorded.get("ok"):
+                recorded["summary"] = profile.summarise(raw, self.seconds, recorded["rate"])
+                recorded["raw"] = os.path.relpath(raw, ROOT)
+            result[kind] = recorded
+            if kind == "all":
+                result["ok"], result["error"] = recorded.get("ok", False), recorded.get("error")
+            if self._halt.is_set() or not recorded.get("ok"):
+                break
+        self.result = result
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join(2 * self.seconds + 120)
+        return self.result
+
+
+def run_engine_alone(args: argparse.Namespace, checkpoint: Path, steps: list[dict], threads: int | None,
+                     replica_omp: int | None) -> dict:
+    """The engine on its own at the batch each step reached (see loadtest/baseline.py), with `threads` torch
+    threads (None: torch's default, all cores), and at the largest batch also with the replica's OMP_NUM_THREADS."""
+    from loadtest.baseline import EngineSetup, engine_alone
+
+    batches = [b for b in (report.batch_reached(s) for s in steps) if b]
+    if not batches:
+        return {"skipped": "no step reported its batch (load reports without step counters)"}
+    setup = EngineSetup(model=str(checkpoint), dtype=args.dtype, weights=args.weights, sinks=args.sinks,
+                        window=args.window, slots=args.slots, threads=threads)
+    started = time.perf_counter()
+    others = (replica_omp,) if replica_omp else ()
+    result = engine_alone(setup, batches, args.max_tokens, args.baseline_rounds, progress=_print, other_threads=others)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    for step in steps:
+        report.attach_engine_alone(step, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_info()
     stack = None
     steps: list[dict] = []
     sample_sets: list[list[dict]] = []
     prefixes: list[Path] = []
     model_description = "(remote target: whatever it serves)"
+    profile_result: dict | None = None
+    replica_omp: int | None = None
+    baseline: dict | None = None
     with tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-model-") as work:
         try:
             if args.target:
                 address, api_key = args.target, args.api_key
             else:
-                preset = prepare_model(args.model, Path(work))
+                preset = prepare_model(args.model, Path(work), args.dtype, args.weights)
                 model_description = preset.description
-                _print(f"starting the local stack: {args.replicas} replica(s) × {args.slots} slots of {args.model}")
+                _print(f"starting the local stack: {args.replicas} replica(s) × {args.slots} slots of {args.model} "
+                       f"({args.dtype}, {args.weights} weights)")
                 stack = LocalStack(
                     model=preset,
                     replicas=args.replicas,
@@ -173,53 +270,79 @@ def main(argv: list[str] | None = None) -> dict:
                     log_path=args.results_dir / "stack.log",
                     max_ongoing_requests=max(256, 2 * max(args.users)),
                     dtype=args.dtype,
+                    weights=args.weights,
+                    replica_cpus=args.replica_cpus,
                 )
                 stack.start(tenant_sessions=sum(args.users) + 10)
                 address, api_key = stack.address, stack.api_key
                 _print(f"gateway {address} is serving")
             for users in args.users:
                 step_dir = args.results_dir if len(args.users) == 1 else args.results_dir / f"u{users}"
-                sampler = None
+                sampler = profiler = None
                 if stack is not None:
                     sampler = MemorySampler(stack.redis_url, stack.key_prefix, step_dir / "replicas.csv")
                     sampler.start()
+                    if users == args.profile_users:
+                        # Inside the measured window (after the ramp), ending before the step does.
+                        ramp = users / args.spawn_rate
+                        delay = max(ramp + 10, min(0.5 * args.duration, args.duration - 2 * args.profile_seconds - 10))
+                        profiler = ReplicaProfiler(sampler, delay, args.profile_seconds, step_dir / "py-spy.raw", users)
+                        profiler.start()
                 _print(f"{users} endless chats for {args.duration:.0f}s ...")
                 try:
                     prefix = run_locust(args, users, address, api_key, step_dir)
                 finally:
+                    if profiler is not None:
+                        profile_result = profiler.stop()
                     samples = sampler.stop() if sampler is not None else []
+                if replica_omp is None and stack is not None:
+                    pids = [int(r["pid"]) for r in samples if r.get("pid")]
+                    # Ray sets OMP_NUM_THREADS = floor(num_cpus) (at least 1) in the replica unless inherited.
+                    replica_omp = (process_threads(pids[-1]) if pids else None) or max(1, int(args.replica_cpus))
                 tally = json.loads((step_dir / "tally.json").read_text())
                 step = report.step_summary(users, args.duration, args.spawn_rate, prefix, tally, samples)
+                if sampler is not None:
+                    step["replica_busy_threads"] = sampler.busy_threads()
                 steps.append(step)
                 sample_sets.append(samples)
                 prefixes.append(prefix)
                 _print(
-                    f"{users} chats: {step['turns']} turns, {step['failed_turns']} failed, TTFT p99 "
-                    f"{step['ttft_p99_ms']} ms, ITL p99 {step['itl_p99_ms']} ms, peak RSS {step['peak_replica_rss_mb']} MiB"
+                    f"{users} chats: {step['turns']} turns, {step['failed_turns']} failed, "
+                    f"{(step['window'] or {}).get('turns_per_s')} turns/s, TTFT p99 {step['ttft_p99_ms']} ms, "
+                    f"ITL p50/p99 {step['itl_p50_ms']}/{step['itl_p99_ms']} ms, "
+                    f"batch {(step['time'].get('per_step') or {}).get('decode_rows')}, load avg {step['machine_load_avg']}"
                 )
         finally:
             if stack is not None:
                 _print("stopping the local stack")
                 stack.stop()
+        if stack is not None:
+            if args.engine_baseline:
+                baseline = run_engine_alone(args, preset.checkpoint, steps, args.baseline_threads, replica_omp)
+            else:
+                baseline = {"skipped": "--no-engine-baseline"}
 
     passing = [s["users"] for s in steps if report.passes_itl_target(s)]
     largest = max(passing) if passing else None
-    # The headline is the single run, or in a sweep the largest step that met the 1 s p99 ITL target.
-    headline_index = len(steps) - 1
-    if len(steps) > 1 and largest is not None:
-        headline_index = [s["users"] for s in steps].index(largest)
+    headline_index = report.headline_index(steps, largest)
     docs_dir = args.docs_dir
     images = []
+    label = args.model if not args.target else "remote"
     timeline = report.plot_timeline(
         prefixes[headline_index],
         sample_sets[headline_index],
-        f"{args.name}: {steps[headline_index]['users']} endless chats ({args.model if not args.target else 'remote'})",
+        f"{args.name}: {steps[headline_index]['users']} endless chats ({label})",
         docs_dir / "img" / f"loadtest_{args.name}.png",
     )
     images.append(f"img/{timeline.name}")
     if len(steps) > 1:
-        sweep = report.plot_sweep(steps, f"{args.name}: latency vs concurrent chats", docs_dir / "img" / f"loadtest_{args.name}_sweep.png")
+        sweep = report.plot_sweep(steps, f"{args.name}: against concurrent chats ({label})",
+                                  docs_dir / "img" / f"loadtest_{args.name}_sweep.png", args.turn_timeout)
         images.insert(0, f"img/{sweep.name}")
+    where = report.plot_time(steps, f"{args.name}: where the time goes (measured window of each step)",
+                             docs_dir / "img" / f"loadtest_{args.name}_time.png")
+    if where is not None:
+        images.insert(1 if len(steps) > 1 else 0, f"img/{where.name}")
     cores = os.cpu_count()
     run_entry = {
         "title": args.title,
@@ -228,10 +351,17 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{cores} CPU cores, {platform.machine()}, Python {platform.python_version()}, no GPU"
         if not args.target
         else "remote target",
+        "cpu": describe_cpu(cpu) + ("" if not args.target else " (the load generator's; the target's is not known)"),
+        "cpu_info": cpu,
         "command": "python -m loadtest.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != args.api_key),
         "config": {
             "target": "remote gateway " + args.target if args.target else "local stack on 127.0.0.1",
             "model": model_description,
+            "model_key": args.model if not args.target else None,
+            "dtype": args.dtype if not args.target else None,
+            "weights": args.weights if not args.target else None,
+            "replica_cpus": args.replica_cpus if not args.target else None,
+            "replica_omp_num_threads": replica_omp,
             "replicas": args.replicas if not args.target else None,
             "slots": args.slots if not args.target else None,
             "sinks": args.sinks if not args.target else None,
@@ -244,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
             "duration_s": args.duration,
         },
         "largest_passing_users": largest,
+        "saturation": report.saturation(steps, args.turn_timeout),
+        "engine_alone": baseline,
+        "profile": profile_result,
         "headline": steps[headline_index],
         "steps": steps,
         "results_dir": os.path.relpath(args.results_dir, ROOT),

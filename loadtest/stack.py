@@ -36,9 +36,11 @@ class ModelPreset:
     checkpoint: Path
 
 
-def prepare_model(key: str, work_dir: Path) -> ModelPreset:
+def prepare_model(key: str, work_dir: Path, dtype: str = "float32", weights: str = "dense") -> ModelPreset:
     """'tiny': a random-weight Llama checkpoint (SmolLM2's tokenizer) for load without real language;
-    'smollm2': the bundled SmolLM2-135M-Instruct, converted once into SINKSERVE_CACHE_DIR."""
+    'smollm2': the bundled SmolLM2-135M-Instruct, converted once into SINKSERVE_CACHE_DIR. The description
+    names the dtype and weight format the stack runs it with."""
+    numerics = f"{dtype}, {weights} weights"
     if key == "tiny":
         from sinkserve.engine.testing import make_tiny_checkpoint
 
@@ -46,14 +48,67 @@ def prepare_model(key: str, work_dir: Path) -> ModelPreset:
         return ModelPreset(
             key,
             f"tiny random-weight Llama (sinkserve.engine.testing.make_tiny_checkpoint: {TINY_LAYERS} layers, "
-            f"hidden {TINY_HIDDEN}, SmolLM2 tokenizer); replies are random tokens, not language",
+            f"hidden {TINY_HIDDEN}, SmolLM2 tokenizer; {numerics}); replies are random tokens, not language",
             path,
         )
     if key == "smollm2":
         from sinkserve.engine.weights import prepare_bundled_model
 
-        return ModelPreset(key, "SmolLM2-135M-Instruct (bundled, fp32)", prepare_bundled_model(progress=False))
+        return ModelPreset(key, f"SmolLM2-135M-Instruct (bundled; {numerics})", prepare_bundled_model(progress=False))
     raise ValueError(f"unknown model preset {key!r}: use 'tiny' or 'smollm2'")
+
+
+# /proc/cpuinfo flag -> how the report names it (the kernels torch picks differ between these).
+CPU_FLAGS = {
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "avx512f": "AVX512",
+    "avx512_bf16": "AVX512-BF16",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "amx_tile": "AMX",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+}
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU's model name, its logical CPUs and which of the vector/matrix extensions in CPU_FLAGS it has."""
+    model, flags, cpus = "unknown CPU", set(), os.cpu_count()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    present = [name for flag, name in CPU_FLAGS.items() if flag in flags]
+    return {"model": model, "cpus": cpus, "flags": present, "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
+def describe_cpu(info: dict) -> str:
+    flags = ", ".join(info["flags"]) or "none of AVX2/AVX512/AMX"
+    return f"{info['model']}, {info['cpus']} logical CPUs, flags: {flags}"
+
+
+def process_threads(pid: int) -> int | None:
+    """The torch/OpenMP thread count a (Ray worker) process was started with: OMP_NUM_THREADS from its
+    environment (Ray sets it to the actor's num_cpus), or None when unset or unreadable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"OMP_NUM_THREADS="):
+            try:
+                return int(item.split(b"=", 1)[1])
+            except ValueError:
+                return None
+    return None
 
 
 def free_port() -> int:
@@ -83,6 +138,36 @@ def wait_serving(address: str, process: subprocess.Popen, log_path: Path, timeou
     raise TimeoutError(f"the gateway on {address} was not SERVING after {timeout_s:.0f}s (log: {log_path})")
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """{thread id: (name, CPU seconds so far)} of a local process, from /proc (empty when unreadable)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def busy_threads(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float,
+                 floor: float = 0.05) -> list[dict]:
+    """Threads that used more than `floor` of a CPU between two thread_cpu() snapshots, busiest first."""
+    rows = []
+    for tid, (name, cpu) in after.items():
+        used = cpu - before.get(tid, (name, 0.0))[1]
+        if wall_s > 0 and used / wall_s > floor:
+            rows.append({"tid": tid, "name": name, "cpu_share": round(used / wall_s, 3)})
+    return sorted(rows, key=lambda r: -r["cpu_share"])
+
+
 @dataclass
 class LocalStack:
     model: ModelPreset
@@ -93,6 +178,8 @@ class LocalStack:
     log_path: Path
     max_ongoing_requests: int = 1024
     dtype: str = "float32"
+    weights: str = "dense"
+    replica_cpus: float = 1.0
     key_prefix: str = "loadtest"
     start_timeout_s: float = 900
     address: str = ""
@@ -123,16 +210,18 @@ class LocalStack:
                 "SINKSERVE_REDIS__KEY_PREFIX": self.key_prefix,
                 "SINKSERVE_REPLICA__MAX_ONGOING_REQUESTS": str(self.max_ongoing_requests),
                 "SINKSERVE_ENGINE__DEVICE": "cpu",
-                "SINKSERVE_ENGINE__DTYPE": self.dtype,
             }
             command = [
                 sys.executable, "-m", "sinkserve.cli", "up",
                 "--replicas", str(self.replicas),
+                "--replica-cpus", f"{self.replica_cpus:g}",
                 "--port", str(port),
                 "--model", str(self.model.checkpoint),
                 "--slots", str(self.slots),
                 "--sinks", str(self.sinks),
                 "--window", str(self.window),
+                "--dtype", self.dtype,
+                "--weights", self.weights,
                 "--redis-url", self.redis_url,
             ]  # fmt: skip
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +305,7 @@ class MemorySampler(threading.Thread):
         self.period_s = period_s
         self.local = local
         self.rows: list[dict] = []
+        self.threads: dict[int, list] = {}  # replica pid -> [(t, first snapshot), (t, latest snapshot)]
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -253,6 +343,10 @@ class MemorySampler(threading.Thread):
                     rss_mb = psutil.Process(int(pid)).memory_info().rss / 2**20
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
+                snapshot = thread_cpu(int(pid))
+                if snapshot:
+                    seen = self.threads.setdefault(int(pid), [(time.monotonic(), snapshot)])
+                    seen[1:] = [(time.monotonic(), snapshot)]
             self.rows.append(
                 {
                     "unix_s": now,
@@ -261,6 +355,15 @@ class MemorySampler(threading.Thread):
                     **{name: report.get(name) for name in self.FIELDS if name in report},
                 }
             )
+
+    def busy_threads(self) -> dict[str, list[dict]]:
+        """{replica pid: its threads busier than 5% of a CPU over the sampled span} (local replicas)."""
+        out = {}
+        for pid, seen in self.threads.items():
+            if len(seen) == 2:
+                (t0, first), (t1, last) = seen
+                out[str(pid)] = busy_threads(first, last, t1 - t0)
+        return out
 
     def stop(self) -> list[dict]:
         self._halt.set()

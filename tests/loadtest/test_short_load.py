@@ -32,6 +32,7 @@ def short_run(tmp_path_factory) -> dict:
         "--replicas", str(REPLICAS), "--slots", str(SLOTS_PER_REPLICA), "--model", "tiny",
         "--think-min", "1", "--think-max", "4", "--max-tokens", "12", "--turn-timeout", "90",
         "--name", "short", "--results-dir", str(out / "results"), "--docs-dir", str(out / "docs"),
+        "--profile-users", str(USERS), "--profile-seconds", "4",
     ]  # fmt: skip
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -86,3 +87,41 @@ def test_more_chats_than_slots_resume_from_parking(short_run):
     # Resumed sessions kept their history: no TRANSCRIPT failure and every final check matched.
     assert "TRANSCRIPT" not in head["failures_by_code"]
     assert set(head["session_checks"]) == {"match"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_report_names_the_setup_and_says_where_the_time_goes(short_run):
+    """The new sections render from a real run: model line with dtype and weights, the CPU's flags, where the
+    engine thread's and the turns' time went, the engine-alone baseline, the profile (or why it is missing)."""
+    run, docs = short_run["run"], short_run["docs"]
+    md = (docs / "loadtest.md").read_text()
+    assert "float32, dense weights" in run["config"]["model"] and run["config"]["model"] in md
+    assert run["cpu_info"]["model"] and run["cpu"] in md
+    assert set(run["cpu_info"]["flags"]) <= {"AVX2", "FMA", "AVX512", "AVX512-BF16", "AVX512-VNNI", "AVX-VNNI",
+                                             "AMX", "AMX-BF16", "AMX-INT8"}
+    head = run["headline"]
+    time = head["time"]
+    assert time["measured"] and time["replicas"] == REPLICAS
+    assert set(time["engine_share"]) == {"forward_s", "sample_s", "output_s", "step_other_s", "deliver_s",
+                                         "commands_s", "idle_s"}
+    assert all(share >= 0 for share in time["engine_share"].values())
+    assert time["per_step"]["steps"] > 0 and time["per_step"]["decode_rows"] > 0
+    assert time["turns"] > 0 and all(v is not None and v >= 0 for v in time["per_turn_ms"].values())
+    assert head["window"]["measured"] and head["window"]["turns_per_s"] > 0
+    assert "### Where the time goes" in md and "| forward |" in md and "| commit (transcript append in Redis) |" in md
+    assert any(image.endswith("_time.png") for image in run["images"])
+    # The engine on its own at the batch the run reached, and the served share against it.
+    engine = head["engine_alone"]
+    assert engine["batch"] >= 1 and engine["decode_tokens_per_s"] > 0 and engine["step_ms_p50"] > 0
+    assert engine["served_share"] > 0 and engine["replicas"] == REPLICAS
+    assert run["engine_alone"]["threads"] >= 1 and run["config"]["replica_omp_num_threads"] >= 1
+    assert "### Served rate against the engine alone" in md
+    # py-spy may be missing or not allowed to attach here: then the report says why.
+    profile = run["profile"]
+    if profile["ok"]:
+        assert profile["all"]["summary"]["samples"] > 0
+        assert any(t["thread"].startswith("sinkserve-engine-loop") for t in profile["all"]["summary"]["threads"])
+        assert "### Profile of the replica process (py-spy)" in md
+    else:
+        assert "Profile (py-spy) of the replica: not taken" in md
