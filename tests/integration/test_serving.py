@@ -519,3 +519,63 @@ def test_gateway_killed_mid_stream_the_session_is_served_again_within_10s(stack,
             break
         time.sleep(0.25)
     assert report is not None and report.queue == 0
+
+
+OWNER_KILL_RECOVERY_S = 30  # owner replica killed mid-stream -> the session's next turn is served elsewhere
+
+
+def test_owner_replica_killed_mid_stream_session_served_elsewhere(stack, client_factory):
+    """kill -9 of the replica streaming a turn: the client's stream ends with UNAVAILABLE (the turn was never
+    acknowledged), the session is served by the other replica within OWNER_KILL_RECOVERY_S, rebuilt from the
+    transcript (acknowledged turns byte-identical, the cut turn not recorded), and no slot is left busy."""
+    import os
+    import signal
+
+    key = stack.tenant("ownerkill")
+    client = client_factory(key)
+    sid = client.create_session(system_prompt="Remember everything.").session_id
+    for i in range(2):
+        client.chat(sid, f"fact {i}: the hills are green", max_tokens=6, request_id=f"fact-{i}")
+    before = stack.loop.run(stack.store.sessions.transcript(sid))
+    owner = client.get_session(sid).owner_replica
+    _, report = stack.loop.run(stack.store.replicas.loads([owner]))[owner]
+    assert report is not None and report.pid
+    try:
+        stream = client.send_message(sid, "a very long story", generation_settings(max_tokens=100_000),
+                                     request_id="story-1")
+        _first_delta(stream)
+        os.kill(report.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(grpc.RpcError) as cut:
+            for _ in stream:
+                pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value.details()
+        while True:
+            try:
+                text, final = client.chat(sid, "are you back?", max_tokens=4, request_id="after-1")
+                break
+            except grpc.RpcError as err:
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), err.details()
+                assert time.monotonic() - killed < OWNER_KILL_RECOVERY_S, "the session is not served again"
+                time.sleep(0.5)
+        recovered_s = time.monotonic() - killed
+        assert recovered_s < OWNER_KILL_RECOVERY_S and text
+        assert final.replica != owner
+        after = stack.loop.run(stack.store.sessions.transcript(sid))
+        assert after[:2] == before  # acknowledged turns: nothing lost or rewritten
+        assert len(after) == 3 and final.turn == 3  # the cut turn was never acknowledged nor recorded
+        _, duplicate = client.chat(sid, "fact 1: the hills are green", request_id="fact-1")
+        assert duplicate.replayed and duplicate.turn == 2
+        info = client.get_session(sid)
+        assert not info.busy and info.owner_replica == final.replica and info.turns == 3
+        assert info.cache_entries == min(CAPACITY, info.tokens_seen)  # rebuilt: sinks + window, as before
+        new_owner = final.replica
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the new owner's load report shows no turn running
+            _, survivor = stack.loop.run(stack.store.replicas.loads([new_owner]))[new_owner]
+            if survivor is not None and survivor.queue == 0:
+                break
+            time.sleep(0.25)
+        assert survivor is not None and survivor.queue == 0
+    finally:
+        _wait_replicas_running(stack)
