@@ -9,6 +9,9 @@ separate Locust metrics (request_type / name):
     TURN   / SendMessage   the whole turn, message sent to final event; failures are named by gRPC status
     SESSION/ CreateSession creating the chat's session
     CHECK  / GetSession    after every few turns: the registry holds exactly the turns the user saw finish
+A user also counts acknowledged turns the server lost: when the registry (a check, or the user's last check
+when it stops) or a later turn's number shows fewer turns than the user saw finish, the difference is lost
+(kept per session as the largest such shortfall, so one loss is never counted twice).
 
 A turn fails when the call ends with a gRPC error (named by its status code, e.g. RESOURCE_EXHAUSTED),
 when the stream ends without a final event (NO_FINAL), or when the final event shows the session lost
@@ -81,10 +84,18 @@ class RunTally:
         self.replicas: Counter[str] = Counter()  # turns served per replica
         self.session_checks: Counter[str] = Counter()  # GetSession after a turn: "match" / "mismatch" / status
         self.error_samples: list[str] = []
+        self.turn_log: list[tuple[float, str]] = []  # (unix time a turn ended, "OK" or its failure code)
+        self.lost_by_session: dict[str, int] = {}  # acknowledged turns the server no longer has, per session
+
+    def lost(self, session_id: str, shortfall: int) -> None:
+        if shortfall > 0:
+            with self.lock:
+                self.lost_by_session[session_id] = max(shortfall, self.lost_by_session.get(session_id, 0))
 
     def failure(self, code: str, details: str) -> None:
         with self.lock:
             self.outcomes[code] += 1
+            self.turn_log.append((round(time.time(), 2), code))
         self.failure_sample(f"{code}: {details}")
 
     def failure_sample(self, text: str) -> None:
@@ -109,6 +120,9 @@ class RunTally:
                 "turns_by_replica": dict(self.replicas),
                 "session_checks": dict(self.session_checks),
                 "error_samples": list(self.error_samples),
+                "lost_acknowledged_turns": sum(self.lost_by_session.values()),
+                "sessions_with_lost_turns": len(self.lost_by_session),
+                "turn_log": [list(entry) for entry in self.turn_log],
             }
 
 
@@ -162,6 +176,7 @@ class EndlessChatUser(User):
         self.session_id: str | None = None
         self.capacity = 0
         self.turns_done = 0  # turns this user saw finish (the server's count must match)
+        self.last_acknowledged = 0  # the number of the last turn this user saw finish (never reset)
         self.expected_turn: int | None = None  # None after a failed turn: the server may have recorded it
         self.last_cache_entries = 0
 
@@ -243,11 +258,13 @@ class EndlessChatUser(User):
         if final is None:
             self._failed(started, t0, "NO_FINAL", "stream ended without a final event")
             return
+        TALLY.lost(self.session_id, self.last_acknowledged - (final.turn - 1))
         problem = self._continuity_problem(final)
         if problem:
             self._failed(started, t0, "TRANSCRIPT", problem)
             return
         self.turns_done += 1
+        self.last_acknowledged = final.turn
         self.expected_turn = final.turn + 1
         self.last_cache_entries = final.cache_entries
         with TALLY.lock:
@@ -255,6 +272,7 @@ class EndlessChatUser(User):
             TALLY.turns_per_session[self.session_id] = self.turns_done
             TALLY.completion_tokens += final.usage.completion_tokens
             TALLY.replicas[final.replica] += 1
+            TALLY.turn_log.append((round(time.time(), 2), "OK"))
         self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, length=final.usage.completion_tokens)
         if self.opts.check_every and self.turns_done % self.opts.check_every == 0:
             self._check_session(final.turn)
@@ -284,6 +302,7 @@ class EndlessChatUser(User):
                 pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata, timeout=self.opts.turn_timeout
             )
             outcome = "match" if session.turns == turn else "mismatch"
+            TALLY.lost(self.session_id, self.last_acknowledged - session.turns)
         except grpc.RpcError as err:
             outcome, session = err.code().name, None
         with TALLY.lock:
@@ -294,3 +313,16 @@ class EndlessChatUser(User):
             TALLY.failure_sample(f"GetSession {outcome} {self.session_id}: {seen}")
             error = GrpcStatus(outcome)
         self._fire("CHECK", "GetSession", started, time.perf_counter() - t0, exception=error)
+
+    def on_stop(self) -> None:
+        """The last look: the registry still holds every turn this user saw finish."""
+        if self.session_id is None or not self.last_acknowledged:
+            return
+        try:
+            session = self.stub.GetSession(
+                pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata, timeout=10
+            )
+        except grpc.RpcError as err:
+            TALLY.failure_sample(f"final GetSession {self.session_id}: {err.code().name}")
+            return
+        TALLY.lost(self.session_id, self.last_acknowledged - session.turns)

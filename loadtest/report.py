@@ -436,6 +436,8 @@ def step_summary(
         "completion_tokens": int(tally.get("completion_tokens", 0)),
         "tokens_per_s": round(int(tally.get("completion_tokens", 0)) / duration_s, 1) if duration_s else None,
         "session_checks": tally.get("session_checks", {}),
+        # None: a tally from before the users counted lost turns
+        "lost_acknowledged_turns": tally.get("lost_acknowledged_turns"),
         "ttft_p50_ms": pct("TTFT", "p50"),
         "ttft_p99_ms": pct("TTFT", "p99"),
         "itl_p50_ms": pct("ITL", "p50"),
@@ -875,6 +877,51 @@ def render_markdown(data: dict[str, Any], md_path: Path) -> None:
     md_path.write_text("\n".join(lines).rstrip() + "\n")
 
 
+def _fault_lines(run: dict[str, Any]) -> list[str]:
+    """The fault schedule's outcome per step (loadtest/faults.py): lost turns, failures, recovery per fault."""
+    cfg = run["config"]
+    if not (cfg.get("kill_replica_every_s") or cfg.get("restart_redis_at_s") is not None):
+        return []
+    schedule = []
+    if cfg.get("kill_replica_every_s"):
+        schedule.append(f"one replica killed with SIGKILL every {cfg['kill_replica_every_s']:g} s (in turn)")
+    if cfg.get("restart_redis_at_s") is not None:
+        schedule.append(f"redis-server killed with SIGKILL at {cfg['restart_redis_at_s']:g} s (its supervisor "
+                        "restarts it from the append-only file)")
+    lines = ["### Faults", "", "Schedule: " + "; ".join(schedule) + ".", ""]
+    for step in run["steps"]:
+        lost = step.get("lost_acknowledged_turns")
+        by_code = ", ".join(f"{code} {n}" for code, n in step["failures_by_code"].items()) or "none"
+        lines += [
+            f"{step['users']} chats: **lost acknowledged turns: {'not counted' if lost is None else lost}** "
+            f"(turns a user saw finish that the registry or a later turn's number no longer shows); "
+            f"{step['turns']} turns completed, {step['failed_turns']} failed (by status: {by_code}).",
+            "",
+            "| fault | at | target | put right after | turns/s before | back to 80% of it after "
+            "| failed turns meanwhile |",
+            "|---|---:|---|---:|---:|---:|---|",
+        ]
+        for fault in step.get("faults", []):
+            fixed = fault.get("replaced_s", fault.get("restarted_s"))
+            what = "replacement replica reporting" if fault["kind"] == "replica" else "redis-server answering again"
+            failed = ", ".join(f"{c} {n}" for c, n in fault.get("failed_during_recovery", {}).items()) or "none"
+            recovered = fault.get("recovered_s")
+            back = "not within the step" if recovered is None else f"{recovered:g} s"
+            put_right = "–" if fixed is None else f"{fixed:g} s ({what})"
+            target = fault.get("target") or fault.get("error", "")
+            lines.append(
+                f"| kill -9 {fault['kind']} | {fault['at_s']:g} s | {target} | {put_right} | "
+                f"{_fmt(fault.get('turns_per_s_before'), 2)} | {back} | {failed} |"
+            )
+        lines.append("")
+    lines += [
+        "Recovery: from the fault until the completed-turn rate over a 10 s window is back to 80% of its mean "
+        "over the minute before the fault (from the users' own turn log).",
+        "",
+    ]
+    return lines
+
+
 def _run_section(name: str, run: dict[str, Any]) -> list[str]:
     cfg = run["config"]
     head = run["headline"]
@@ -928,6 +975,7 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
             f"{best if best is not None else 'none of the steps'}.**",
             "",
         ]
+    lines += _fault_lines(run)
     lines += _engine_alone_lines(run)
     lines += _time_lines(run)
     lines += _profile_lines(run)

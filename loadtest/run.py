@@ -14,7 +14,9 @@ docs/loadtest.json and docs/loadtest.md re-rendered from all entries.
 With the local stack, once it has stopped, the engine also runs on its own in this process at the batch
 each step reached (loadtest/baseline.py), so the report gives the stack's served rate as a share of the
 engine's, measured in the same run on the same machine (--no-engine-baseline skips it). --profile-users N
-samples the replica process with py-spy during the N-chat step.
+samples the replica process with py-spy during the N-chat step. --kill-replica-every S and --restart-redis-at T
+inject faults into the local stack during each step (loadtest/faults.py): the report then gives the lost
+acknowledged turns, the failed turns by status, the recovery time of each fault and a plot with the faults marked.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from loadtest import report
+from loadtest import faults, report
 from loadtest.stack import LocalStack, MemorySampler, cpu_info, describe_cpu, prepare_model, process_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "measured with the replica's OMP_NUM_THREADS")
     parser.add_argument("--profile-users", type=int,
                         help="profile the replica with py-spy during the step with this many chats (local stack)")
+    parser.add_argument("--kill-replica-every", type=float, metavar="S",
+                        help="local stack: kill -9 one replica every S seconds of each step (in turn)")
+    parser.add_argument("--restart-redis-at", type=float, metavar="T",
+                        help="local stack: kill -9 redis-server T seconds into each step (its supervisor restarts it)")
     parser.add_argument("--profile-seconds", type=float, default=30,
                         help="py-spy sampling time, twice: all busy threads, then only the GIL holder (default 30)")
     args = parser.parse_args(argv)
@@ -110,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--baseline-rounds must be >= 2 (the first round is warm-up)")
     if args.profile_users is not None and args.profile_users not in args.users:
         parser.error(f"--profile-users {args.profile_users} is not one of --users {args.users}")
+    if (args.kill_replica_every is not None or args.restart_redis_at is not None) and args.target:
+        parser.error("--kill-replica-every/--restart-redis-at need the local stack (not --target)")
+    if args.kill_replica_every is not None and args.kill_replica_every <= 0:
+        parser.error("--kill-replica-every must be > 0")
+    if args.restart_redis_at is not None and not 0 <= args.restart_redis_at < args.duration:
+        parser.error("--restart-redis-at must fall inside the step (0 <= T < --duration)")
     if args.think_max < args.think_min:
         parser.error("--think-max must be >= --think-min")
     for flag in ("spawn_rate", "duration", "replicas", "slots", "window", "max_tokens", "turn_timeout"):
@@ -250,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     prefixes: list[Path] = []
     model_description = "(remote target: whatever it serves)"
     profile_result: dict | None = None
+    plan = faults.FaultPlan(args.kill_replica_every, args.restart_redis_at)
+    fault_images: list[str] = []
+    fault_events: list[dict] = []
     replica_omp: int | None = None
     baseline: dict | None = None
     with tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-model-") as work:
@@ -278,10 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
                 _print(f"gateway {address} is serving")
             for users in args.users:
                 step_dir = args.results_dir if len(args.users) == 1 else args.results_dir / f"u{users}"
-                sampler = profiler = None
+                sampler = profiler = injector = None
                 if stack is not None:
-                    sampler = MemorySampler(stack.redis_url, stack.key_prefix, step_dir / "replicas.csv")
+                    sampler = MemorySampler(stack.redis_url, stack.key_prefix, step_dir / "replicas.csv",
+                                            password=stack.redis_password)
                     sampler.start()
+                    if plan.any:
+                        injector = faults.FaultInjector(plan, args.duration, lambda s=sampler: list(s.rows),
+                                                        lambda: stack.redis_pid, stack.redis_ping)
+                        injector.start()
                     if users == args.profile_users:
                         # Inside the measured window (after the ramp), ending before the step does.
                         ramp = users / args.spawn_rate
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
                 try:
                     prefix = run_locust(args, users, address, api_key, step_dir)
                 finally:
+                    if injector is not None:
+                        fault_events = injector.stop()
                     if profiler is not None:
                         profile_result = profiler.stop()
                     samples = sampler.stop() if sampler is not None else []
@@ -303,6 +325,17 @@ def main(argv: list[str] | None = None) -> dict:
                 step = report.step_summary(users, args.duration, args.spawn_rate, prefix, tally, samples)
                 if sampler is not None:
                     step["replica_busy_threads"] = sampler.busy_threads()
+                if injector is not None:
+                    analysis = faults.analyse(fault_events, tally.get("turn_log", []), injector.started_unix,
+                                              injector.started_unix + args.duration)
+                    step["faults"] = analysis["faults"]
+                    step["fault_series"] = analysis["series"]
+                    png = faults.plot(analysis, f"{args.name}: {users} chats, turns/s with faults marked",
+                                      args.docs_dir / "img" / f"loadtest_{args.name}_faults_u{users}.png")
+                    fault_images.append(f"img/{png.name}")
+                    _print(f"faults: " + "; ".join(
+                        f"{f['kind']} {f.get('target', '')} at {f['at_s']}s recovered {f.get('recovered_s')}s"
+                        for f in step["faults"]) + f"; lost acknowledged turns {step['lost_acknowledged_turns']}")
                 steps.append(step)
                 sample_sets.append(samples)
                 prefixes.append(prefix)
@@ -343,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                              docs_dir / "img" / f"loadtest_{args.name}_time.png")
     if where is not None:
         images.insert(1 if len(steps) > 1 else 0, f"img/{where.name}")
+    images = fault_images + images
     cores = os.cpu_count()
     run_entry = {
         "title": args.title,
@@ -372,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
             "turn_timeout_s": args.turn_timeout,
             "spawn_rate": args.spawn_rate,
             "duration_s": args.duration,
+            "kill_replica_every_s": args.kill_replica_every,
+            "restart_redis_at_s": args.restart_redis_at,
         },
         "largest_passing_users": largest,
         "saturation": report.saturation(steps, args.turn_timeout),

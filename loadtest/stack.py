@@ -1,6 +1,8 @@
 """The local stack a load run talks to, and the replica-memory sampler.
 
-``LocalStack`` starts a private redis-server and ``sinkserve up`` (local Ray on 127.0.0.1, the Serve app,
+``LocalStack`` starts a private redis-server (durable and supervised as ``sinkserve up`` runs its own: an
+append-only file in the run's temporary directory, a generated password, restarted when it dies, so a fault
+schedule can kill it) and ``sinkserve up`` (local Ray on 127.0.0.1, the Serve app,
 the gRPC gateway) as child processes, creates a tenant, and stops exactly what it started. The stack
 process gets its own process group and a private SINKSERVE_CACHE_DIR, so neither a stray Ray worker nor
 ``up``'s saved client defaults outlive the run.
@@ -184,6 +186,7 @@ class LocalStack:
     start_timeout_s: float = 900
     address: str = ""
     redis_url: str = ""
+    redis_password: str = ""
     api_key: str = ""
     _redis: object = None
     _process: subprocess.Popen | None = None
@@ -191,11 +194,16 @@ class LocalStack:
     _env: dict = field(default_factory=dict)
 
     def start(self, tenant_sessions: int) -> "LocalStack":
+        import secrets
+
         from sinkserve.store.redis_server import RedisServer
 
         self._tmp = tempfile.TemporaryDirectory(prefix="sinkserve-loadtest-")
         try:
-            self._redis = RedisServer(host="127.0.0.1").start()
+            self.redis_password = secrets.token_hex(16)
+            self._redis = RedisServer(
+                host="127.0.0.1", password=self.redis_password, data_dir=Path(self._tmp.name) / "redis"
+            ).start()
             self.redis_url = self._redis.url
             port = free_port()
             self.address = f"127.0.0.1:{port}"
@@ -208,6 +216,7 @@ class LocalStack:
                 # `up` saves its address as the user's client default: keep that out of the real cache dir.
                 "SINKSERVE_CACHE_DIR": self._tmp.name,
                 "SINKSERVE_REDIS__KEY_PREFIX": self.key_prefix,
+                "SINKSERVE_REDIS__PASSWORD": self.redis_password,
                 "SINKSERVE_REPLICA__MAX_ONGOING_REQUESTS": str(self.max_ongoing_requests),
                 "SINKSERVE_ENGINE__DEVICE": "cpu",
             }
@@ -260,6 +269,23 @@ class LocalStack:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def redis_pid(self) -> int | None:
+        """The redis-server running now (its supervisor replaces the process after a kill)."""
+        return self._redis.pid if self._redis is not None else None
+
+    def redis_ping(self) -> bool:
+        import redis
+
+        try:
+            client = self._redis.client(socket_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except (redis.RedisError, AttributeError):
+            return False
+
     def stop(self) -> None:
         if self._process is not None:
             process, self._process = self._process, None
@@ -297,13 +323,15 @@ class MemorySampler(threading.Thread):
     # tell a slow stack from a busy machine).
     FIELDS = ("unix_s", "rss_mb", "loadavg_1m") + tuple(f.name for f in dataclasses.fields(LoadReport))
 
-    def __init__(self, redis_url: str, key_prefix: str, out_csv: Path, period_s: float = 2.0, local: bool = True):
+    def __init__(self, redis_url: str, key_prefix: str, out_csv: Path, period_s: float = 2.0, local: bool = True,
+                 password: str | None = None):
         super().__init__(name="replica-memory-sampler", daemon=True)
         self.redis_url = redis_url
         self.key_prefix = key_prefix
         self.out_csv = out_csv
         self.period_s = period_s
         self.local = local
+        self.password = password or None
         self.rows: list[dict] = []
         self.threads: dict[int, list] = {}  # replica pid -> [(t, first snapshot), (t, latest snapshot)]
         self._halt = threading.Event()
@@ -314,7 +342,7 @@ class MemorySampler(threading.Thread):
 
         from sinkserve.store.keys import Keys
 
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client = redis.Redis.from_url(self.redis_url, password=self.password, socket_timeout=5)
         try:
             while not self._halt.is_set():
                 try:

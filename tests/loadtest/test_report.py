@@ -171,3 +171,24 @@ def test_headline_is_the_largest_passing_step_or_the_best_served():
     assert report.headline_index(steps, 50) == 0
     assert report.headline_index(steps, None) == 1  # most generated tokens/s
     assert report.headline_index(steps[:1], None) == 0
+
+
+def test_fault_plan_and_recovery_analysis():
+    from loadtest import faults
+
+    plan = faults.FaultPlan(kill_replica_every_s=120, restart_redis_at_s=300)
+    assert plan.times(600) == [(120, "replica"), (240, "replica"), (300, "redis"), (360, "replica"), (480, "replica")]
+    assert not faults.FaultPlan().any
+    # 2 turns/s for 100 s, nothing for 20 s after a fault at t=100, then 2 turns/s again.
+    t0 = 1_000.0
+    log = [[t0 + i * 0.5, "OK"] for i in range(200)]
+    log += [[t0 + 101, "UNAVAILABLE"], [t0 + 102, "UNAVAILABLE"]]
+    log += [[t0 + 120 + i * 0.5, "OK"] for i in range(80)]
+    result = faults.analyse([{"kind": "replica", "unix_s": t0 + 100, "target": "r1"}], log, t0, t0 + 160)
+    (fault,) = result["faults"]
+    assert fault["at_s"] == 100 and fault["turns_per_s_before"] == 2.0
+    assert 17 <= fault["recovered_s"] <= 21  # the first 10 s window back at 80% starts just before t=120
+    assert fault["failed_during_recovery"] == {"UNAVAILABLE": 2}
+    assert result["series"] and all(len(point) == 3 for point in result["series"])
+    never = faults.analyse([{"kind": "redis", "unix_s": t0 + 150}], log[:200], t0, t0 + 160)["faults"][0]
+    assert never["recovered_s"] is None
