@@ -61,6 +61,10 @@ START_ATTEMPTS = 20  # loads of one turn's session that others may undo before i
 ENGINE_STALL_S = 60.0  # an engine thread that has not come round for this long is stuck
 LOCK_CHECK_S = 1.0  # how often a turn checks that its gateway still holds the session's turn lock
 BYTES_PER_TOKEN = 3  # a message's token count before it is tokenised (on the engine thread), for estimates
+# A turn is accepted only if its estimated finish leaves this share of its deadline budget unused: every turn
+# accepted makes the steps of all the others slower, so one accepted right at its budget would end past it.
+ACCEPT_SHARE = 0.8
+EXPECTED_TOKENS_BEFORE_HISTORY = 16  # new tokens expected of a turn before any turn here has finished
 
 
 def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> float:
@@ -69,7 +73,19 @@ def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> floa
     if not snapshot.prefill_tokens_per_s:
         return 0.0
     tokens = snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN
-    return tokens / snapshot.prefill_tokens_per_s + (snapshot.step_s or 0.0)
+    # The step a turn joins is one now running; an idle engine's step-time average is stale.
+    return tokens / snapshot.prefill_tokens_per_s + ((snapshot.step_s or 0.0) if snapshot.busy else 0.0)
+
+
+def turn_estimate_s(snapshot: EngineSnapshot, message_bytes: int, new_tokens: float) -> float:
+    """How long a new turn would take to finish: its first token (above), then one decode step per new token at
+    the recent step time. Every running turn shares those steps, so under overload the step time is what grows:
+    this catches the collapse where every turn starts but none finishes before its deadline. An engine with
+    nothing running estimates from its ingest queue only (a stale step time must not refuse work forever)."""
+    first = first_token_estimate_s(snapshot, message_bytes)
+    if not snapshot.busy:
+        return first
+    return first + new_tokens * (snapshot.step_s or 0.0)
 
 
 @dataclass
@@ -80,13 +96,20 @@ class TurnTotals:
     queue_s: float = 0.0  # from arrival until the cache is in a slot (admission wait, park/unpark/rebuild)
     first_token_s: float = 0.0  # from then until the first text (ingesting the message)
     decode_s: float = 0.0  # from the first text until the last token
+    completion_tokens: int = 0  # new tokens of the turns that finished
     commit_s: float = 0.0  # appending the turn to the transcript in Redis
     rebuild_read_s: float = 0.0  # reading transcript ends for rebuilds
 
-    def add(self, phases: dict[str, float]) -> None:
+    def add(self, phases: dict[str, float], completion_tokens: int = 0) -> None:
         self.turns += 1
+        self.completion_tokens += completion_tokens
         for name, seconds in phases.items():
             setattr(self, name, getattr(self, name) + seconds)
+
+    def expected_tokens(self, max_tokens: int) -> float:
+        """New tokens a turn capped at `max_tokens` is expected to generate: the mean so far, capped."""
+        mean = self.completion_tokens / self.turns if self.turns else EXPECTED_TOKENS_BEFORE_HISTORY
+        return min(float(max_tokens), mean)
 
 
 class Admission:
@@ -173,17 +196,19 @@ class Turns:
             if queued:
                 self.admission.leave()
 
-    async def refuse_if_late(self, message_bytes: int, deadline_unix: float) -> None:
-        """Overload: a turn that could not start before its deadline is refused now, with a retry hint, instead of
-        taking engine time and failing at its deadline (so the turns accepted finish and goodput stays up)."""
-        estimate = first_token_estimate_s(await self.loop.submit(Snapshot()), message_bytes)
+    async def refuse_if_late(self, message_bytes: int, deadline_unix: float, max_tokens: int) -> None:
+        """Overload: a turn that could not finish before its deadline (its first token waits behind the ingest
+        queue, then its tokens come one step each) is refused now, with a retry hint, instead of taking engine
+        time and failing at its deadline: the turns accepted finish, and goodput stays at capacity."""
+        snapshot = await self.loop.submit(Snapshot())
+        estimate = turn_estimate_s(snapshot, message_bytes, self.totals.expected_tokens(max_tokens))
         budget = deadline_unix - time.time()
-        if estimate > budget:
+        if estimate > ACCEPT_SHARE * budget:
             self.metrics.count("refused_early")
             raise ResourceExhausted(
-                f"this replica is overloaded: the turn would wait about {estimate:.0f}s for its first token, past its "
-                "deadline; retry shortly",
-                retry_after_s=min(30.0, max(1.0, estimate - budget)),
+                f"this replica is overloaded: the turn would take about {estimate:.0f}s, past its deadline; "
+                "retry shortly",
+                retry_after_s=min(30.0, max(1.0, estimate - ACCEPT_SHARE * budget)),
             )
 
     # ---- a turn
@@ -196,7 +221,7 @@ class Turns:
         self.active.add(sid)
         try:
             if deadline_unix is not None:
-                await self.refuse_if_late(len(text.encode()), deadline_unix)
+                await self.refuse_if_late(len(text.encode()), deadline_unix, params.max_tokens)
             arrived = time.perf_counter()
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
             started: asyncio.Future | None = None
@@ -232,7 +257,7 @@ class Turns:
                         turns = await asyncio.shield(self._commit(
                             record, epoch, event, self._turn_record(event, reply, text, request_id, turn_id)))
                         phases["commit_s"] = time.perf_counter() - ended
-                        self.totals.add(phases)
+                        self.totals.add(phases, event.completion_tokens)
                         self.metrics.observe_turn(phases)
                         yield TurnFinished(
                             finish_reason=event.finish_reason or "eos", prompt_tokens=event.prompt_tokens,

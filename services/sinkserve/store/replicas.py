@@ -48,6 +48,7 @@ class LoadReport:
     queue_s: float = 0.0
     first_token_s: float = 0.0
     decode_s: float = 0.0
+    completion_tokens: int = 0  # new tokens of those turns
     commit_s: float = 0.0
     rebuild_read_s: float = 0.0
     reported_ms: int = 0
