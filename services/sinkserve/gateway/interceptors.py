@@ -262,17 +262,9 @@ class AuthInterceptor(_WrappingInterceptor):
         api_key = bearer_key(context.invocation_metadata())
         if api_key is None:
             raise Unauthenticated("missing 'authorization: Bearer <api key>' metadata")
-        tenant = await self.tenants.authenticate(api_key)
-        if tenant is None:
-            raise Unauthenticated("unknown API key")
-        wait_s = await self.tenants.take_request(tenant)
-        if wait_s is not None:
-            raise ResourceExhausted(
-                f"tenant {tenant.name!r} is over its request rate ({tenant.requests_per_second:g}/s, burst "
-                f"{tenant.request_burst}); retry in {wait_s:.2f}s",
-                retry_after_s=wait_s,
-            )
-        return tenant
+        from sinkserve.gateway.core import authenticate
+
+        return await authenticate(self.tenants, api_key)
 
     def _call(self, behaviour, method):
         async def call(request, context):
