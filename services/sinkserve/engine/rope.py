@@ -27,7 +27,25 @@ def inv_frequencies(rot_dim: int, theta: float, scaling: dict | None = None) -> 
         scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    raise UnsupportedModel(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind in ("longrope", "su"):
+        # Phi-3 LongRoPE: per-pair divisors. HF takes long_factor when the sequence is longer than
+        # original_max_position_embeddings and short_factor otherwise. Our positions are cache positions, below
+        # sinks + window, and families using it cap the cache at original_max_position_embeddings
+        # (ModelArgs.max_context), so short_factor is the one HF applies to every sequence the cache can hold.
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64)
+    raise UnsupportedModel(
+        f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope)"
+    )
+
+
+def longrope_attention_factor(scaling: dict, max_position_embeddings: int) -> float:
+    """LongRoPE's factor on cos/sin (HF's `attention_scaling`): the given attention_factor, else
+    sqrt(1 + ln(s) / ln(original context)) with s = max_position_embeddings / original context (1 when s <= 1)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor") or max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def rope_table(inv_freq: torch.Tensor, positions: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:

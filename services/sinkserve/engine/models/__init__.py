@@ -9,9 +9,10 @@ from types import ModuleType
 import torch
 
 from sinkserve.engine.models import gpt_neox, llama
+from sinkserve.engine.models import falcon, phi3, qwen3
 from sinkserve.errors import UnsupportedModel
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox)
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox, qwen3, phi3, falcon)
 SUPPORTED_ARCHITECTURES = tuple(arch for family in FAMILIES for arch in family.HF_ARCHITECTURES)
 
 
