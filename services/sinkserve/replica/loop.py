@@ -146,6 +146,7 @@ class EngineSnapshot:
     step_s: float | None  # moving average of a step's wall time (None before the first step)
     prefill_tokens_per_s: float | None  # moving average of the ingest rate of steps that ingested
     totals: "LoopTotals"  # a copy
+    tokens_per_s: float | None = None  # moving average of all tokens a step processes (decode rows + prefill) per s
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class Snapshot:
             parks=residency.stats.parks, unparks=residency.stats.unparks, drops=residency.stats.drops,
             steps=loop.steps, pending_prompt_tokens=engine.pending_prompt_tokens(), step_s=loop.timing.step_s,
             prefill_tokens_per_s=loop.timing.prefill_tokens_per_s, totals=dataclasses.replace(loop.totals),
+            tokens_per_s=loop.timing.tokens_per_s,
         )
 
 
@@ -197,11 +199,14 @@ class StepTiming:
     weight: float = 0.2  # of the newest step
     step_s: float | None = None
     prefill_tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # the engine's throughput in the token mix it is serving now
 
-    def observe(self, seconds: float, prefill_tokens: int) -> None:
+    def observe(self, seconds: float, prefill_tokens: int, decode_rows: int = 0) -> None:
         self.step_s = self._mix(self.step_s, seconds)
         if prefill_tokens and seconds > 0:
             self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s, prefill_tokens / seconds)
+        if seconds > 0 and prefill_tokens + decode_rows:
+            self.tokens_per_s = self._mix(self.tokens_per_s, (prefill_tokens + decode_rows) / seconds)
 
     def _mix(self, average: float | None, value: float) -> float:
         return value if average is None else (1 - self.weight) * average + self.weight * value
@@ -273,7 +278,7 @@ class EngineLoop:
                     self.steps += 1
                     step = self.engine.last_step
                     if step is not None:
-                        self.timing.observe(stepped - started, step.prefill_tokens)
+                        self.timing.observe(stepped - started, step.prefill_tokens, step.decode_rows)
                         self.totals.add_step(step, stepped - started, time.perf_counter() - stepped)
                 self.last_beat = time.monotonic()
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it

@@ -78,14 +78,16 @@ def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> floa
 
 
 def turn_estimate_s(snapshot: EngineSnapshot, message_bytes: int, new_tokens: float) -> float:
-    """How long a new turn would take to finish: its first token (above), then one decode step per new token at
-    the recent step time. Every running turn shares those steps, so under overload the step time is what grows:
-    this catches the collapse where every turn starts but none finishes before its deadline. An engine with
-    nothing running estimates from its ingest queue only (a stale step time must not refuse work forever)."""
-    first = first_token_estimate_s(snapshot, message_bytes)
-    if not snapshot.busy:
-        return first
-    return first + new_tokens * (snapshot.step_s or 0.0)
+    """How long a new turn would take to finish: the work ahead of its last token (every prompt token queued
+    for ingestion, its own message, the rest of the running turns' replies, taken as half done, and its own
+    reply) at the engine's recent throughput in tokens of that mix per second, plus one step. Every running turn
+    shares the steps, so under overload this is what grows: it catches the collapse where every turn starts but
+    none finishes before its deadline, without refusing work an idle engine could do. An engine with nothing
+    running estimates from its ingest queue only (stale averages must not refuse work forever)."""
+    if not snapshot.busy or not snapshot.tokens_per_s:
+        return first_token_estimate_s(snapshot, message_bytes)
+    work = snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN + (snapshot.busy / 2 + 1) * new_tokens
+    return max(first_token_estimate_s(snapshot, message_bytes), work / snapshot.tokens_per_s + (snapshot.step_s or 0.0))
 
 
 @dataclass
