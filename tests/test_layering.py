@@ -30,6 +30,7 @@ LAYERS = {
     "routing": (("sinkserve.routing",), ("torch", "transformers"), ("engine", "replica.server", "gateway", "http")),
     "replica": (("sinkserve.replica",), (), ("gateway", "http")),
     "gateway": (("sinkserve.gateway",), ("torch", "transformers"), ("engine", "replica.server", "replica.turns", "http")),
+    "http": (("sinkserve.http",), ("torch", "transformers"), ("engine", "replica.server", "replica.turns")),
     "clients and CLI": (("sinkserve.client", "sinkserve.cli", "sinkserve.v1"), ("torch", "transformers"),
                         ("engine", "replica.server")),
 }

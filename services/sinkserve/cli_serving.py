@@ -68,7 +68,7 @@ def _redis_password(url: str, configured: Optional[str]) -> Optional[str]:
 # `up` takes every engine field as a flag, the replica count and size, and the gateway port (all from the config).
 UP_FLAGS = (
     ConfigFlags.of("replica", (("num_replicas", "--replicas", "-n"), ("num_cpus", "--replica-cpus")))
-    + ConfigFlags.of("gateway", ("port",))
+    + ConfigFlags.of("gateway", ("port", "http_port"))
     + ConfigFlags.of("engine")
 )
 
@@ -173,9 +173,19 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def http_frontends(settings) -> list:
+    """The OpenAI-compatible HTTP API beside gRPC, unless gateway.http_port is 0."""
+    if not settings.gateway.http_port:
+        return []
+    from sinkserve.http.server import HttpFrontEnd
+
+    return [HttpFrontEnd(settings)]
+
+
 async def _serve(settings, serve_forever) -> None:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_forever(settings, ready))
+    frontends = http_frontends(settings)
+    task = asyncio.create_task(serve_forever(settings, ready, frontends))
     done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # failed before it listened
@@ -184,6 +194,8 @@ async def _serve(settings, serve_forever) -> None:
     address = f"127.0.0.1:{gateway_port}"
     saved = save_defaults(address=address, redis_url=settings.redis.url)
     typer.secho(f"\nsinkserve is up: gRPC gateway on {address}", fg=typer.colors.GREEN)
+    for frontend in frontends:
+        typer.secho(f"OpenAI-compatible HTTP API on {frontend.url}/v1", fg=typer.colors.GREEN)
     typer.echo(
         "In another terminal:\n"
         "  sinkserve tenant create demo      # prints an API key and saves it as the default\n"
@@ -195,19 +207,19 @@ async def _serve(settings, serve_forever) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- gateway
-@ConfigFlags.of("gateway", ("host", "port"))
+@ConfigFlags.of("gateway", ("host", "port", "http_port"))
 def gateway(
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: RayConfig/auto)"),
     *,
     flags: GivenFlags,
 ) -> None:
-    """Run only the gRPC gateway, joining an existing Ray cluster and Redis (config from SINKSERVE_* env)."""
+    """Run only the gateway (gRPC, and the HTTP API unless --http-port 0), joining an existing Ray cluster and Redis (config from SINKSERVE_* env)."""
     # An empty RAY_ADDRESS is an unset one, as for Ray itself.
     settings = _settings(flags, gateway=flags.section("gateway"), ray={"address": ray_address} if ray_address else {})
     from sinkserve.gateway.main import run
 
     try:
-        run(settings)
+        run(settings, http_frontends(settings))
     except KeyboardInterrupt:
         pass
     except ConnectionError as err:

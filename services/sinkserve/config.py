@@ -163,6 +163,12 @@ class GatewayConfig(_Section):
     )
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="port of the OpenAI-compatible HTTP API on the gateway's host (0 = off)"
+    )
+    http_session_header: str = Field(
+        "x-session-id", min_length=1, description="HTTP header that binds /v1/chat/completions to a session"
+    )
 
 
 class RayConfig(_Section):

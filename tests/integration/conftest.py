@@ -50,6 +50,7 @@ class Stack:
     loop: LoopThread
     gateway: Any
     address: str
+    http_url: str = ""  # the gateway's OpenAI-compatible HTTP API
 
     def tenant(self, name: str, **quotas: Any) -> str:
         """Create a tenant; returns its API key."""
@@ -96,7 +97,7 @@ def stack_settings(checkpoint: Path, redis_url: str, **overrides: Any) -> Settin
         },
         router={"lease_ttl_s": 10},
         redis={"url": redis_url, "key_prefix": "it"},
-        gateway={"host": "127.0.0.1", "port": 0, "max_message_bytes": 2048, "max_new_tokens": 100_000},
+        gateway={"host": "127.0.0.1", "port": 0, "http_port": 0, "max_message_bytes": 2048, "max_new_tokens": 100_000},
         **overrides,
     )
 
@@ -108,6 +109,7 @@ def stack(tiny_checkpoint, redis_server):
 
     from sinkserve.gateway.backend import ServeBackend
     from sinkserve.gateway.server import Gateway
+    from sinkserve.http.server import HttpFrontEnd
     from sinkserve.replica.local import deploy, start_local_ray
 
     import socket
@@ -120,9 +122,10 @@ def stack(tiny_checkpoint, redis_server):
     loop = LoopThread()
     try:
         deploy(settings)
-        gateway = Gateway(settings, ServeBackend.connect(settings.ray.app_name))
+        http = HttpFrontEnd(settings, port=0)  # a free port (http_port 0 in the settings: off elsewhere)
+        gateway = Gateway(settings, ServeBackend.connect(settings.ray.app_name), frontends=[http])
         port = loop.run(gateway.start())
-        yield Stack(settings, redis_server, ray_env, loop, gateway, f"127.0.0.1:{port}")
+        yield Stack(settings, redis_server, ray_env, loop, gateway, f"127.0.0.1:{port}", http.url)
         loop.run(gateway.stop(grace_s=1))
     finally:
         loop.stop()
@@ -158,6 +161,7 @@ def start_gateway_process(stack: Stack, port: int | None = None) -> tuple[subpro
         "SINKSERVE_REDIS__KEY_PREFIX": stack.settings.redis.key_prefix,
         "SINKSERVE_GATEWAY__HOST": "127.0.0.1",
         "SINKSERVE_GATEWAY__PORT": str(port),
+        "SINKSERVE_GATEWAY__HTTP_PORT": "0",
         "SINKSERVE_GATEWAY__MAX_MESSAGE_BYTES": str(stack.settings.gateway.max_message_bytes),
         "SINKSERVE_GATEWAY__MAX_NEW_TOKENS": str(stack.settings.gateway.max_new_tokens),
     }

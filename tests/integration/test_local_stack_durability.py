@@ -68,7 +68,7 @@ class Up:
             "--model", str(self.checkpoint), "--device", "cpu", "--dtype", "float32",
             "--replicas", "1", "--replica-cpus", "0.5", "--num-cpus", "2", "--num-threads", "1",
             "--slots", "4", "--sinks", str(SINKS), "--window", str(WINDOW),
-            "--port", str(port), "--data-dir", str(self.data_dir),
+            "--port", str(port), "--http-port", str(free_port()), "--data-dir", str(self.data_dir),
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

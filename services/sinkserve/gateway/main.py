@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Sequence
 
 from sinkserve.config import Settings
 from sinkserve.gateway.backend import ServeBackend
-from sinkserve.gateway.server import Gateway
+from sinkserve.gateway.server import FrontEnd, Gateway
 
 logger = logging.getLogger("sinkserve.gateway")
 
@@ -30,9 +31,12 @@ def connect_ray(settings: Settings) -> None:
     )
 
 
-async def serve_forever(settings: Settings, ready: "asyncio.Future[int] | None" = None) -> None:
+async def serve_forever(settings: Settings, ready: "asyncio.Future[int] | None" = None,
+                        frontends: Sequence[FrontEnd] = ()) -> None:
+    """Serve until SIGINT/SIGTERM. `frontends`: other protocols on the same gateway logic (the CLI passes the
+    HTTP API, which this layer does not import)."""
     backend = ServeBackend.connect(settings.ray.app_name)
-    gateway = Gateway(settings, backend)
+    gateway = Gateway(settings, backend, frontends)
     port = await gateway.start()
     if ready is not None and not ready.done():
         ready.set_result(port)
@@ -49,6 +53,6 @@ async def serve_forever(settings: Settings, ready: "asyncio.Future[int] | None" 
         await gateway.stop()
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, frontends: Sequence[FrontEnd] = ()) -> None:
     connect_ray(settings)
-    asyncio.run(serve_forever(settings))
+    asyncio.run(serve_forever(settings, frontends=frontends))

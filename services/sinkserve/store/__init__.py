@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from sinkserve.config import LimitsConfig, RedisConfig
 from sinkserve.store.client import connect
+from sinkserve.store.conversations import Conversations
 from sinkserve.store.keys import Keys
 from sinkserve.store.ownership import Ownership
 from sinkserve.store.replicas import LoadReport, Replicas
@@ -32,6 +33,7 @@ class Store:
         self.ownership = Ownership(client, self.keys)
         self.replicas = Replicas(client, self.keys)
         self.tenants = Tenants(client, self.keys, limits)
+        self.conversations = Conversations(client, self.keys)
 
     @classmethod
     def from_config(cls, redis_cfg: RedisConfig, limits_cfg: LimitsConfig | None = None) -> "Store":

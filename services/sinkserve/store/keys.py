@@ -30,6 +30,14 @@ Tenants (``tenants.py``)
     p:t:{name}:tpr         hash   tokens reserved by turns in flight: turn id -> "tokens|expiry ms"
     p:t:{name}:rps         hash   the request-rate token bucket: tokens, ms (last refill)
 
+HTTP front end (``conversations.py``: the OpenAI-compatible API's handles on sessions)
+
+    p:s:{sid}:chat         list   digests of the chat messages the session holds, in order (system, user,
+                                  assistant, ...): a request whose messages extend them continues the session
+    p:t:{name}:handle:{d}  str    session id bound to a client's ``x-session-id`` (``d``: its SHA-256 digest)
+    p:resp:{id}            str    a Responses API response: JSON (tenant, session id, turn, the response body),
+                                  with a TTL
+
 Tenant names cannot contain ':' (``tenants.TENANT_NAME``), so ``p:t:{name}`` never collides with another
 tenant's ``:sessions``/``:keys``/``:tpm``/``:tpr``/``:rps`` keys. Session ids have one strict form
 (``SESSION_ID``: what ``Sessions.create_session`` generates); ``Keys.session`` refuses any other with
@@ -93,6 +101,16 @@ class Keys:
 
     def tenant_sessions(self, tenant: str) -> str:
         return f"{self.tenant(tenant)}:sessions"
+
+    def chat_digests(self, sid: str) -> str:
+        return f"{self.session(sid)}:chat"
+
+    # ---- HTTP front end
+    def session_handle(self, tenant: str, handle_digest: str) -> str:
+        return f"{self.tenant(tenant)}:handle:{handle_digest}"
+
+    def response(self, response_id: str) -> str:
+        return f"{self.prefix}:resp:{response_id}"
 
     # ---- replicas
     def replica_report(self, replica_id: str) -> str:
