@@ -225,6 +225,7 @@ class LocalStack:
                 "--replicas", str(self.replicas),
                 "--replica-cpus", f"{self.replica_cpus:g}",
                 "--port", str(port),
+                "--http-port", "0",  # the load test speaks gRPC; a busy 8000 (or a second stack) must not stop it
                 "--model", str(self.model.checkpoint),
                 "--slots", str(self.slots),
                 "--sinks", str(self.sinks),
