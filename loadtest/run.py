@@ -134,6 +134,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_PATH_OPTIONS = ("--results-dir", "--docs-dir")
+
+
+def repo_relative(path: Path | str) -> str:
+    """A path as the docs may record it: relative to the repository, or a placeholder for one outside it."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(ROOT.resolve()))
+    except ValueError:
+        return "<outside the repository>"
+
+
+def recorded_command(argv: list[str], api_key: str | None) -> str:
+    """The command line for the report: no API key, and no machine-specific path outside the repository."""
+    words: list[str] = []
+    expect_path = False
+    for word in argv:
+        if api_key and word == api_key:
+            continue
+        if expect_path:
+            words.append(repo_relative(word))
+            expect_path = False
+            continue
+        option, eq, value = word.partition("=")
+        if option in _PATH_OPTIONS and eq:
+            words.append(f"{option}={repo_relative(value)}")
+        else:
+            words.append(word)
+            expect_path = word in _PATH_OPTIONS
+    return "python -m loadtest.run " + " ".join(shlex.quote(w) for w in words)
+
+
 def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str, out_dir: Path) -> Path:
     """One headless Locust run; returns the CSV prefix. Locust stops itself after --duration."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         else "remote target",
         "cpu": describe_cpu(cpu) + ("" if not args.target else " (the load generator's; the target's is not known)"),
         "cpu_info": cpu,
-        "command": "python -m loadtest.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != args.api_key),
+        "command": recorded_command(argv if argv is not None else sys.argv[1:], args.api_key),
         "config": {
             "target": "remote gateway " + args.target if args.target else "local stack on 127.0.0.1",
             "model": model_description,
@@ -415,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
         "profile": profile_result,
         "headline": steps[headline_index],
         "steps": steps,
-        "results_dir": os.path.relpath(args.results_dir, ROOT),
+        "results_dir": repo_relative(args.results_dir),
         "images": images,
     }
     data = report.update_json(docs_dir / "loadtest.json", args.name, run_entry)

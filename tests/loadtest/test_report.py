@@ -192,3 +192,16 @@ def test_fault_plan_and_recovery_analysis():
     assert result["series"] and all(len(point) == 3 for point in result["series"])
     never = faults.analyse([{"kind": "redis", "unix_s": t0 + 150}], log[:200], t0, t0 + 160)["faults"][0]
     assert never["recovered_s"] is None
+
+
+def test_recorded_command_keeps_paths_inside_the_repository_only(tmp_path: Path):
+    from loadtest import run
+
+    argv = ["--users", "200", "--api-key", "secret", "--results-dir", str(tmp_path / "r"),
+            f"--docs-dir={run.ROOT / 'docs'}", "--name", "x"]
+    command = run.recorded_command(argv, "secret")
+    assert "secret" not in command
+    assert str(tmp_path) not in command
+    assert "--results-dir '<outside the repository>'" in command
+    assert "--docs-dir=docs" in command
+    assert run.repo_relative(run.ROOT / "loadtest" / "results" / "x") == "loadtest/results/x"
