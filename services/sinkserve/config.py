@@ -71,6 +71,16 @@ class EngineConfig(_Section):
     )
     prefill_chunk: int = Field(256, ge=1, description="max prompt tokens of one session ingested per step")
     max_step_tokens: int = Field(2048, ge=1, description="max tokens (decode + prefill) in one batched step")
+    decode_stretch: float | None = Field(
+        4.0,
+        ge=1,
+        description="while replies decode, a step that also ingests prompts takes at most this many times a "
+        "decode-only step, at the step cost measured on this machine (bounds inter-token latency); null: only "
+        "max_step_tokens bounds a step",
+    )
+    min_prefill_tokens: int = Field(
+        64, ge=1, description="prompt tokens a step may ingest whatever decode_stretch says, so ingestion never stops"
+    )
     max_context: int | None = Field(
         None, ge=1, description="dense policy only: cache capacity; defaults to the model's context length"
     )

@@ -45,7 +45,8 @@ class Engine:
         geometry = SlabGeometry(args.n_layers, args.n_kv_heads, args.head_dim, sinks, window, config.slots)
         self.runner = ModelRunner(model, geometry, config.policy, self.max_chunk)
         self.residency = Residency(config.slots, config.park_host_bytes)
-        self.scheduler = Scheduler(config.max_step_tokens, self.max_chunk, whole_messages=self.policy == "recompute")
+        self.scheduler = Scheduler(config.max_step_tokens, self.max_chunk, whole_messages=self.policy == "recompute",
+                                   decode_stretch=config.decode_stretch, min_prefill_tokens=config.min_prefill_tokens)
         self.sessions = SessionTable()
         self.chat_format = ChatFormat(tokenizer)
         self.steps_run = 0
@@ -243,6 +244,7 @@ class Engine:
                 for (s, _), token in zip(sampling, tokens)
             ]
         done = time.perf_counter()
+        self.scheduler.observe(plan.decode_rows + plan.prefill_tokens, done - started)
         self.last_step = StepStats(plan.decode_rows, plan.prefill_tokens, forwarded - started, sampled - forwarded,
                                    done - sampled)
         return outputs

@@ -147,6 +147,7 @@ class EngineSnapshot:
     prefill_tokens_per_s: float | None  # moving average of the ingest rate of steps that ingested
     totals: "LoopTotals"  # a copy
     tokens_per_s: float | None = None  # moving average of all tokens a step processes (decode rows + prefill) per s
+    step_cost: tuple[float, float] | None = None  # a step's (fixed s, s per token), fitted by the scheduler
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Snapshot:
             steps=loop.steps, pending_prompt_tokens=engine.pending_prompt_tokens(), step_s=loop.timing.step_s,
             prefill_tokens_per_s=loop.timing.prefill_tokens_per_s, totals=dataclasses.replace(loop.totals),
             tokens_per_s=loop.timing.tokens_per_s,
+            step_cost=engine.scheduler.cost.line() if engine.scheduler.cost.measured else None,
         )
 
 

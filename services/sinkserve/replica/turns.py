@@ -77,17 +77,52 @@ def first_token_estimate_s(snapshot: EngineSnapshot, message_bytes: int) -> floa
     return tokens / snapshot.prefill_tokens_per_s + ((snapshot.step_s or 0.0) if snapshot.busy else 0.0)
 
 
-def turn_estimate_s(snapshot: EngineSnapshot, message_bytes: int, new_tokens: float) -> float:
-    """How long a new turn would take to finish: the work ahead of its last token (every prompt token queued
-    for ingestion, its own message, the rest of the running turns' replies, taken as half done, and its own
-    reply) at the engine's recent throughput in tokens of that mix per second, plus one step. Every running turn
-    shares the steps, so under overload this is what grows: it catches the collapse where every turn starts but
-    none finishes before its deadline, without refusing work an idle engine could do. An engine with nothing
-    running estimates from its ingest queue only (stale averages must not refuse work forever)."""
+def turn_estimate_s(snapshot: EngineSnapshot, message_bytes: int, new_tokens: float, waiting: int = 0) -> float:
+    """How long a new turn would take to finish, from what the engine measures now. Two bounds, the larger wins:
+    - the work ahead of its last token (every prompt token queued for ingestion, its own message, the rest of the
+      running turns' replies, taken as half done, the waiting turns' replies and its own) at the engine's recent
+      throughput in tokens of that mix per second;
+    - its own path: a wait for a slot while every slot is generating (`waiting` turns accepted here are ahead of
+      it; slots free as turns end), its message ingested, then one token per step, a step holding every turn
+      that will share it (the step cost line scales the measured step time to that batch).
+    Every running turn shares the steps, so under overload both grow: they catch the collapse where every turn
+    starts but none finishes before its deadline, without refusing work an idle engine could do. An engine with
+    nothing running estimates from its ingest queue only (stale averages must not refuse work forever)."""
     if not snapshot.busy or not snapshot.tokens_per_s:
         return first_token_estimate_s(snapshot, message_bytes)
-    work = snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN + (snapshot.busy / 2 + 1) * new_tokens
-    return max(first_token_estimate_s(snapshot, message_bytes), work / snapshot.tokens_per_s + (snapshot.step_s or 0.0))
+    first = first_token_estimate_s(snapshot, message_bytes)
+    work = (snapshot.pending_prompt_tokens + message_bytes / BYTES_PER_TOKEN
+            + (snapshot.busy / 2 + waiting + 1) * new_tokens)
+    by_throughput = work / snapshot.tokens_per_s + (snapshot.step_s or 0.0)
+    step = snapshot.step_s or 0.0
+    sharing = min(snapshot.slots, snapshot.busy + waiting + 1)  # rows of the steps this turn's tokens come in
+    if snapshot.step_cost is not None:
+        fixed, per_token = snapshot.step_cost
+        step *= (fixed + per_token * sharing) / (fixed + per_token * snapshot.busy)
+    own = first + new_tokens * step
+    ahead = snapshot.busy + waiting + 1 - snapshot.slots  # turns that must end before a slot is this turn's
+    slot_wait = max(0, ahead) * own / snapshot.slots
+    return max(by_throughput, slot_wait + own)
+
+
+@dataclass
+class Calibration:
+    """How long accepted turns took against what was estimated when they were accepted: the next estimate is
+    scaled by the moving average of that ratio, so what the estimate leaves out (parking churn, the gateway, the
+    commit) is measured rather than guessed. Only estimates of a second or more teach it: below that the ratio
+    is noise. A turn cut off (deadline, hang-up) teaches it only that it took at least as long as it ran."""
+
+    weight: float = 0.1
+    ratio: float = 1.0
+    low: float = 0.5
+    high: float = 4.0
+    min_estimate_s: float = 1.0
+
+    def observe(self, estimated_s: float, actual_s: float, cut_off: bool = False) -> None:
+        if estimated_s < self.min_estimate_s or (cut_off and actual_s <= estimated_s * self.ratio):
+            return
+        value = min(self.high, max(self.low, actual_s / estimated_s))
+        self.ratio = (1 - self.weight) * self.ratio + self.weight * value
 
 
 @dataclass
@@ -170,6 +205,7 @@ class Turns:
         self.active: set[str] = set()
         self.rebuilt = 0
         self.totals = TurnTotals()
+        self.calibration = Calibration()
 
     # ---- residency
     async def make_resident(self, record: SessionRecord, epoch: int, deadline_unix: float | None = None) -> None:
@@ -198,12 +234,15 @@ class Turns:
             if queued:
                 self.admission.leave()
 
-    async def refuse_if_late(self, message_bytes: int, deadline_unix: float, max_tokens: int) -> None:
-        """Overload: a turn that could not finish before its deadline (its first token waits behind the ingest
-        queue, then its tokens come one step each) is refused now, with a retry hint, instead of taking engine
-        time and failing at its deadline: the turns accepted finish, and goodput stays at capacity."""
+    async def refuse_if_late(self, message_bytes: int, deadline_unix: float, max_tokens: int) -> float:
+        """Overload: a turn that could not finish before its deadline (it waits for a slot, its first token
+        waits behind the ingest queue, then its tokens come one step each) is refused now, with a retry hint,
+        instead of taking engine time and failing at its deadline: the turns accepted finish, and goodput stays at
+        capacity. Returns the raw estimate, which the turn's real duration calibrates."""
         snapshot = await self.loop.submit(Snapshot())
-        estimate = turn_estimate_s(snapshot, message_bytes, self.totals.expected_tokens(max_tokens))
+        waiting = max(0, len(self.active) - 1 - snapshot.busy)  # accepted here, not yet generating
+        raw = turn_estimate_s(snapshot, message_bytes, self.totals.expected_tokens(max_tokens), waiting)
+        estimate = raw * self.calibration.ratio
         budget = deadline_unix - time.time()
         if estimate > ACCEPT_SHARE * budget:
             self.metrics.count("refused_early")
@@ -212,6 +251,7 @@ class Turns:
                 "retry shortly",
                 retry_after_s=min(30.0, max(1.0, estimate - ACCEPT_SHARE * budget)),
             )
+        return raw
 
     # ---- a turn
     async def run(self, record: SessionRecord, epoch: int, text: str, params: GenerationParams,
@@ -222,8 +262,9 @@ class Turns:
             raise SessionBusy(f"session {sid} is still replying to a previous message")
         self.active.add(sid)
         try:
+            estimate = None
             if deadline_unix is not None:
-                await self.refuse_if_late(len(text.encode()), deadline_unix, params.max_tokens)
+                estimate = await self.refuse_if_late(len(text.encode()), deadline_unix, params.max_tokens)
             arrived = time.perf_counter()
             sink = TurnSink(asyncio.get_running_loop(), asyncio.Queue())
             started: asyncio.Future | None = None
@@ -259,6 +300,8 @@ class Turns:
                         turns = await asyncio.shield(self._commit(
                             record, epoch, event, self._turn_record(event, reply, text, request_id, turn_id)))
                         phases["commit_s"] = time.perf_counter() - ended
+                        if estimate is not None:
+                            self.calibration.observe(estimate, time.perf_counter() - arrived)
                         self.totals.add(phases, event.completion_tokens)
                         self.metrics.observe_turn(phases)
                         yield TurnFinished(
@@ -271,6 +314,8 @@ class Turns:
                         reply.append(event.text)
                     yield event
             except BaseException:
+                if estimate is not None and not finished:
+                    self.calibration.observe(estimate, time.perf_counter() - arrived, cut_off=True)
                 if not finished:
                     # Cancelled (client hang-up, deadline, the lock lapsed) or failed: stop generating now and record
                     # the part of the reply the cache holds, so the transcript and the cache stay the same.

@@ -58,3 +58,43 @@ def test_ingesting_the_last_chunk_moves_the_session_to_decode():
     s = prefilling("a", 10)
     assert not s.ingested(6) and s.state == "prefill"
     assert s.ingested(4) and s.state == "decode" and s.fed == 10
+
+
+def _fed(scheduler: Scheduler, fixed_s: float, per_token_s: float, sizes=(8, 64, 200, 30, 120, 16)) -> Scheduler:
+    for tokens in sizes:
+        scheduler.observe(tokens, fixed_s + per_token_s * tokens)
+    return scheduler
+
+
+def test_step_cost_fits_the_fixed_and_per_token_parts():
+    fixed, per_token = _fed(Scheduler(2048, 256), 0.02, 0.005).cost.line()
+    assert abs(fixed - 0.02) < 1e-9 and abs(per_token - 0.005) < 1e-9
+    # Steps all of one size give no slope: the whole step counts per token (the cautious reading).
+    same = _fed(Scheduler(2048, 256), 0.02, 0.005, sizes=(64,) * 5).cost.line()
+    assert same[0] == 0.0 and abs(same[1] - (0.02 + 0.005 * 64) / 64) < 1e-12
+
+
+def test_a_long_prompt_stretches_a_decode_step_at_most_by_the_stated_factor():
+    # CPU-like cost, every token the same price: 32 decode rows and 2x stretch leave 32 prompt tokens.
+    scheduler = _fed(Scheduler(2048, 256, decode_stretch=2.0, min_prefill_tokens=4), 0.0, 0.01)
+    sessions = [prefilling("long", 5000)] + [decoding(f"d{i}", i) for i in range(32)]
+    plan = scheduler.plan(sessions, slots(sessions))
+    assert plan.decode_rows == 32 and plan.prefill_tokens == 32
+    decode_only = scheduler.cost.seconds(32)
+    assert scheduler.cost.seconds(plan.decode_rows + plan.prefill_tokens) <= 2.0 * decode_only + 1e-9
+    # GPU-like cost, a large fixed part per step: the same stretch admits far more prompt tokens.
+    wide = _fed(Scheduler(2048, 256, decode_stretch=2.0), 0.05, 0.0001)
+    assert wide.plan(sessions, slots(sessions)).prefill_tokens == 256  # the chunk size binds, not the budget
+
+
+def test_prefill_never_starves_and_idle_decode_or_an_unmeasured_engine_use_the_hard_cap():
+    scheduler = Scheduler(2048, 256, decode_stretch=1.0, min_prefill_tokens=16)
+    sessions = [prefilling("long", 5000)] + [decoding(f"d{i}", i) for i in range(8)]
+    # Nothing measured yet: only max_step_tokens bounds the step.
+    assert scheduler.plan(sessions, slots(sessions)).prefill_tokens == 256
+    _fed(scheduler, 0.0, 0.01)
+    # A stretch of 1 leaves nothing for prompts but the floor.
+    assert scheduler.plan(sessions, slots(sessions)).prefill_tokens == 16
+    # No reply decoding: nothing to protect, prompts take the whole budget.
+    only_prefill = [prefilling("a", 300), prefilling("b", 300)]
+    assert scheduler.plan(only_prefill, slots(only_prefill)).prefill_tokens == 512

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sinkserve.replica.loop import EngineSnapshot, LoopTotals
-from sinkserve.replica.turns import ACCEPT_SHARE, TurnTotals, first_token_estimate_s, turn_estimate_s
+from sinkserve.replica.turns import ACCEPT_SHARE, Calibration, TurnTotals, first_token_estimate_s, turn_estimate_s
 
 
 def snapshot(busy: int, pending: int, step_s: float | None, prefill_tps: float | None,
@@ -41,3 +41,36 @@ def test_expected_tokens_follow_the_turns_that_finished_capped_by_the_request():
     totals.add({"decode_s": 1.0}, completion_tokens=30)
     assert totals.expected_tokens(100_000) == 20  # an endless max_tokens expects what turns here produced
     assert totals.expected_tokens(8) == 8
+
+
+def test_a_turn_gets_one_token_a_step_and_waits_for_a_slot_when_every_slot_generates():
+    # The sweep's failure at 200 chats: little queued work, high throughput in aggregate, yet a turn's 16 tokens
+    # come one per 1.5 s step, and 80 accepted turns wait for one of 64 busy slots. Throughput alone said ~12 s.
+    busy = snapshot(busy=64, pending=100, step_s=1.5, prefill_tps=60.0, tps=60.0)
+    alone = turn_estimate_s(busy, 120, new_tokens=16)
+    assert alone >= 16 * 1.5  # its own tokens, one a step
+    queued = turn_estimate_s(busy, 120, new_tokens=16, waiting=80)
+    own = first_token_estimate_s(busy, 120) + 16 * 1.5
+    assert abs(queued - (81 * own / 64 + own)) < 1e-9  # 81 turns ahead of a slot, 64 slots ending in turn
+    assert queued > ACCEPT_SHARE * 60 > alone
+    # The fitted step cost scales the measured step to the batch the turn will share: 20 running, 30 waiting.
+    growing = EngineSnapshot(**{**busy.__dict__, "busy": 20, "step_cost": (0.1, 0.02)})
+    step_then = 1.5 * (0.1 + 0.02 * 51) / (0.1 + 0.02 * 20)
+    assert abs(turn_estimate_s(growing, 120, 16, waiting=30) - (first_token_estimate_s(growing, 120)
+                                                                + 16 * step_then)) < 1e-9
+
+
+def test_calibration_follows_measured_turns_and_cut_offs_only_raise_it():
+    calibration = Calibration()
+    for _ in range(50):
+        calibration.observe(estimated_s=10.0, actual_s=20.0)
+    assert 1.9 < calibration.ratio <= 2.0
+    before = calibration.ratio
+    calibration.observe(estimated_s=10.0, actual_s=5.0, cut_off=True)  # hung up early: says nothing
+    calibration.observe(estimated_s=0.2, actual_s=30.0)  # too short an estimate to learn from
+    assert calibration.ratio == before
+    calibration.observe(estimated_s=10.0, actual_s=60.0, cut_off=True)  # ran to its deadline: at least that long
+    assert calibration.ratio > before
+    for _ in range(200):
+        calibration.observe(estimated_s=10.0, actual_s=1000.0)
+    assert calibration.ratio <= calibration.high
