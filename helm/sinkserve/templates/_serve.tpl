@@ -7,7 +7,7 @@ The Redis password is not in here: the pods get it as SINKSERVE_REDIS__PASSWORD 
 {{- define "sinkserve.serveArgs" -}}
 {{- $e := .Values.engine }}
 {{- $r := .Values.replica }}
-{{- $engine := dict "model" $e.model "dtype" $e.dtype "weights" $e.weights "packed_max_rows" (int $e.packedMaxRows) "device" $e.device "policy" $e.policy "sinks" (int $e.sinks) "window" (int $e.window) "slots" (int $e.slotsPerReplica) "prefill_chunk" (int $e.prefillChunk) "max_step_tokens" (int $e.maxStepTokens) }}
+{{- $engine := dict "model" $e.model "dtype" $e.dtype "weights" $e.weights "packed_max_rows" (int $e.packedMaxRows) "device" $e.device "policy" $e.policy "sinks" (int $e.sinks) "window" (int $e.window) "slots" (int $e.slotsPerReplica) "prefill_chunk" (int $e.prefillChunk) "max_step_tokens" (int $e.maxStepTokens) "decode_stretch" $e.decodeStretch "min_prefill_tokens" (int $e.minPrefillTokens) }}
 {{- if not (kindIs "invalid" $e.maxContext) }}{{ $_ := set $engine "max_context" (int $e.maxContext) }}{{ end }}
 {{- if not (kindIs "invalid" $e.seed) }}{{ $_ := set $engine "seed" (int $e.seed) }}{{ end }}
 {{- if not (kindIs "invalid" $e.numThreads) }}{{ $_ := set $engine "num_threads" (int $e.numThreads) }}{{ end }}
