@@ -189,8 +189,15 @@ def machine_description() -> dict:
     import torch
     import transformers
 
+    from sinkserve.engine.capability import CpuFeatures, choose_paths
+
+    cpu = CpuFeatures.detect()
+    auto = choose_paths("auto", "auto", None, torch.device("cpu"), cpu, threads=torch.get_num_threads())
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": cpu.named_flags,
+        "torch_cpu_capability": cpu.torch_capability,
+        "auto_paths": auto.as_dict(),  # what dtype/weights auto would run here (the run's own paths are its args)
         "logical_cpus": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

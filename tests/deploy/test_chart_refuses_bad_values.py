@@ -67,7 +67,10 @@ BAD_VALUES = {
         "engine.weights int4 needs engine.dtype bfloat16 or float16",
     ),
     "int4 weights on gpus": ({"engine": {"weights": "int4"}}, "engine.weights int4 runs torch's packed CPU kernel"),
-    "unknown weights": ({"engine": {"weights": "int8"}}, "/engine/weights"),
+    "unknown weights": ({"engine": {"weights": "int2"}}, "/engine/weights"),
+    "int8 weights in bfloat16": ({"engine": {"weights": "int8", "dtype": "bfloat16"}}, "engine.weights int8 computes in float32"),
+    "int8 weights on gpus": ({"engine": {"weights": "int8", "dtype": "float32"}, "replica": {"numGpus": 1}},
+                             "engine.weights int8 runs fbgemm"),
     "tls without a secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls.enabled needs gateway.tls.secretName"),
     "duplicate worker groups": (
         {"ray": {"workerGroups": [ONE_GPU_GROUP, ONE_GPU_GROUP]}},

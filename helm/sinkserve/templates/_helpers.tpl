@@ -194,6 +194,14 @@ that names the values to change.
 {{- fail "engine.weights int4 runs torch's packed CPU kernel: set replica.numGpus 0 and engine.device cpu, or engine.weights dense" }}
 {{- end }}
 {{- end }}
+{{- if eq .Values.engine.weights "int8" }}
+{{- if not (has .Values.engine.dtype (list "auto" "float32")) }}
+{{- fail "engine.weights int8 computes in float32 (fbgemm's int8 GEMM): set engine.dtype float32 or auto" }}
+{{- end }}
+{{- if or (gt (float64 $r.numGpus) 0.0) (hasPrefix "cuda" .Values.engine.device) }}
+{{- fail "engine.weights int8 runs fbgemm's CPU kernel: set replica.numGpus 0 and engine.device cpu, or engine.weights dense" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.gateway.tls.enabled (not .Values.gateway.tls.secretName) }}
 {{- fail "gateway.tls.enabled needs gateway.tls.secretName (a kubernetes.io/tls Secret)" }}
 {{- end }}

@@ -22,6 +22,7 @@ from sinkserve.engine.residency import Residency
 from sinkserve.engine.runner import ModelRunner
 from sinkserve.engine.scheduler import Scheduler
 from sinkserve.engine.sessions import Session, SessionTable
+from sinkserve.engine.capability import ExecutionPaths
 from sinkserve.engine.step_inputs import RowInput
 from sinkserve.errors import ContextOverflow, InvalidArgument, NoFreeSlot, SessionBusy
 from sinkserve.protocol import GenerationParams, SessionView
@@ -29,8 +30,9 @@ from sinkserve.protocol import GenerationParams, SessionView
 
 class Engine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, tokenizer, eos_ids: frozenset[int],
-                 model_name: str):
+                 model_name: str, paths: ExecutionPaths | None = None):
         self.config, self.tokenizer, self.model_name, self.eos_ids = config, tokenizer, model_name, eos_ids
+        self.paths = paths  # the dtype/weights/kernels chosen at load (engine/capability.py); None: built by hand
         args = model.args
         self.policy = config.policy
         sinks = 0 if config.policy in ("window", "dense") else config.sinks

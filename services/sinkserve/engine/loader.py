@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from sinkserve.config import EngineConfig
+from sinkserve.engine.capability import choose_paths
 from sinkserve.engine.models import load_model
 from sinkserve.engine.weights import resolve_checkpoint
 from sinkserve.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,13 +50,16 @@ def load_engine(config: EngineConfig):
 
     from sinkserve.engine.engine import Engine
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    checkpoint = resolve_checkpoint(config.model)
     device = resolve_device(config.device)
-    if config.weights == "int4" and device.type != "cpu":
-        raise InvalidArgument(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
-    model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
+    paths = choose_paths(config.dtype, config.weights, config.packed_max_rows, device, threads=config.num_threads)
+    if device.type == "cpu":
+        torch.set_num_threads(paths.threads)
+    log.info("%s", paths.line())
+    config = config.model_copy(update={"dtype": paths.dtype, "weights": paths.weights,
+                                       "packed_max_rows": paths.packed_max_rows})
+    checkpoint = resolve_checkpoint(config.model)
+    model, hf_config = load_model(checkpoint, DTYPES[paths.dtype], device, paths.weights, paths.packed_max_rows)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model))
+    return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model),
+                  paths=paths)

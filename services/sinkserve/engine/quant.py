@@ -1,4 +1,4 @@
-"""Weight-only quantization for CPU decode, in the bundled GGUF's own block formats.
+"""Low-bit weights for CPU decode: int4 in the bundled GGUF's own block formats, and int8 for CPUs without BF16.
 
 A decode step reads every weight once for one row per session, so its speed is the weights' size over the
 memory bandwidth. torch's packed int4 kernel reads 4 bits per weight (plus 32 bits of scale and zero per 32)
@@ -13,9 +13,24 @@ max are among its values. Other checkpoints are rounded to nearest, i.e. quantiz
 
 The kernel computes one row at a time, so steps with more rows than `max_rows` (prefill chunks, big batches)
 run a plain GEMM on the de-quantized weights, which are the same values in the model dtype.
+
+int8 (`Int8Linear`, for float32 models) was built for CPUs with AVX2 but no AVX512-BF16, where bf16 compute is
+emulated and the int4 kernel gains little. Measured on such a CPU it beats float32 only in the output head at up to
+8 rows (per-call work outside the GEMM costs more than the bytes it saves in the small layers), so `weights: auto`
+never picks it; it stays an explicit choice (docs/cpu_paths.md). Weights in int8 per output channel
+(w = q * scale, symmetric), read through fbgemm's int8 GEMM, which quantizes the activations on the fly and accumulates u8 x s8 products in int32,
+then scales back to float32. fbgemm picks one activation scale per call, over all rows; each row is divided by its
+own absolute maximum first and the output multiplied back, with one extra row [1, -1, 0, ...] pinning the call's
+range to [-1, 1]: every row is quantized on the same grid whatever the other rows hold, so a session's numbers do
+not depend on who shares its step (the engine's batching invariant), and each row uses the grid's whole range.
+The grid has 7 bits (fbgemm's reduce_range, which keeps AVX2's 16-bit pair sums from saturating); a row's
+remainder goes in as a second row on its own grid, so activations carry about 13 bits for twice the rows.
+Steps of more than `max_rows` rows run a float32 GEMM on the de-quantized weights.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +103,80 @@ class PackedLinear(nn.Module):
             x = torch.cat([x, x], dim=-1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, GROUP, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q int8 [N, K], scale float32 [N]) with w = q * scale, symmetric per output channel."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_kernel_available() -> bool:
+    """fbgemm (the 'x86' or 'fbgemm' quantized engine) is built in and this CPU runs it (it needs AVX2)."""
+    engines = torch.backends.quantized.supported_engines
+    return ("fbgemm" in engines or "x86" in engines) and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512")
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear (float32) with int8 weights for steps of at most `max_rows` rows (module docstring)."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int):
+        super().__init__()
+        q, scale = quantize_int8(linear.weight)
+        self.max_rows = max_rows
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        # torch's quantized-tensor API is the only way into fbgemm's prepacked GEMM (deprecated, still in 2.13)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.weight = nn.Parameter(q.float() * scale[:, None], requires_grad=False)
+        self.bias = linear.bias
+        range_row = torch.zeros(1, self.in_features)
+        range_row[0, 0], range_row[0, -1] = 1.0, -1.0
+        self.register_buffer("range_row", range_row, persistent=False)
+
+        # fbgemm's activation grid for that range (reduce_range: 7 bits, so u8 x s8 pair sums never saturate)
+        self.grid_scale, self.grid_zero = torch._choose_qparams_per_tensor(range_row, True)
+
+    def _on_grid(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows -> (grid values, per-row factor) with rows ~= values * factor; values are k * grid_scale with k in
+        -63..63, which fbgemm quantizes exactly (its zero point is 64: -64 would reach below the pinned range)."""
+        unit = rows.abs().amax(dim=-1, keepdim=True) / 63
+        unit = torch.where(unit == 0, torch.ones_like(unit), unit)
+        steps = torch.round(rows / unit)
+        return steps * self.grid_scale, unit / self.grid_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        # 7 bits per activation lose too much (SmolLM2 perplexity +14%): each row goes in twice, as its value on
+        # the grid and as the remainder on a grid of its own (~13 bits in all). One call: the weights, which are
+        # what a decode step's time goes to, are read once for both.
+        high, high_scale = self._on_grid(x)
+        low, low_scale = self._on_grid(x - high * high_scale)
+        rows = x.shape[0]
+        out = torch.ops.quantized.linear_dynamic(torch.cat([high, low, self.range_row]), self._packed, True)
+        out = out[:rows] * high_scale + out[rows:2 * rows] * low_scale
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_model_int8(model: nn.Module, max_rows: int) -> None:
+    """Swap the model's linear layers for Int8Linear in place (float32 model); the output head too, and a tied
+    embedding is re-tied to the head's de-quantized weights, so the lookup reads the same values."""
+    head, table = output_head(model), embedding(model)
+    tied = head.weight is table.weight
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                packed = Int8Linear(child, max_rows)
+                setattr(parent, name, packed)
+                if child is head and tied:
+                    table.weight = packed.weight
 
 
 def quantize_model(model: nn.Module, max_rows: int) -> None:

@@ -49,10 +49,23 @@ class ReplicaMetrics:
             "sinkserve_replica_step_rows_total", "what the engine's steps held: decode rows and prefill tokens",
             tag_keys=("replica", "kind"),
         )
+        self._engine_info = metrics.Gauge(
+            "sinkserve_replica_engine_info", "1, labelled with the dtype, weights and kernels the engine chose at "
+            "start and the CPU's torch capability", tag_keys=("replica", "dtype", "weights", "device",
+                                                             "cpu_capability", "threads"),
+        )
         self._turn_phase = metrics.Histogram(
             "sinkserve_replica_turn_phase_seconds", "time a turn spent in each phase (queue, first token, decode, "
             "commit)", boundaries=list(TURN_BUCKETS_S), tag_keys=("replica", "phase"),
         )
+
+    def engine_paths(self, paths: dict) -> None:
+        """The engine's chosen execution paths as an info-style gauge (value 1, the choice in the labels)."""
+        if self._sessions is None or not paths:
+            return
+        self._engine_info.set(1, tags={**self.tags, "dtype": paths["dtype"], "weights": paths["weights"],
+                                       "device": paths["device"], "cpu_capability": paths.get("cpu_capability", ""),
+                                       "threads": str(paths["threads"])})
 
     def count(self, name: str, value: int = 1) -> None:
         self._published[name] += value

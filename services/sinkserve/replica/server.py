@@ -56,13 +56,17 @@ class SinkServeReplica:
         self.store = store or Store.from_config(self.settings.redis)
         self.draining = False
         self.metrics = ReplicaMetrics(self.replica_id)
+        paths = getattr(engine, "paths", None)
+        self.engine_paths = paths.as_dict() if paths is not None else {}
+        self.metrics.engine_paths(self.engine_paths)
         lease_ttl_s = self.settings.router.lease_ttl_s
         self.ownership = Ownership(self.store, self.replica_id, lease_ttl_s)
         self.turns = Turns(self.loop, self.store, self.replica_id, self.settings.replica, self.metrics,
                            (engine.sinks, engine.window), on_lost=self._lost)
         self.heartbeat = Heartbeat(self.ownership, self.load_report, self._renew,
                                    self.settings.replica.load_report_interval_s, lease_ttl_s).start()
-        logger.info("replica %s ready (model %s, %d slots)", self.replica_id, engine.model_name, engine.slots)
+        logger.info("replica %s ready (model %s, %d slots); %s", self.replica_id, engine.model_name, engine.slots,
+                    paths.line() if paths is not None else "engine built by hand")
 
     # ------------------------------------------------------------------ Serve hooks
     async def check_health(self) -> None:
@@ -145,7 +149,7 @@ class SinkServeReplica:
             snapshot = None
         self_state = dict(owned=len(self.ownership.owned), queue=len(self.turns.active) + self.loop.pending,
                           draining=self.draining, model=str(self.engine.model_name), rebuilt=self.turns.rebuilt,
-                          waiting=self.turns.admission.waiting, pid=os.getpid())
+                          waiting=self.turns.admission.waiting, pid=os.getpid(), engine_paths=self.engine_paths)
         if snapshot is None:
             return LoadReport(replica_id=self.replica_id, slots=self.engine.slots, **self_state)
         self.metrics.publish(snapshot, active=len(self.turns.active), waiting=self.turns.admission.waiting)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -52,6 +52,9 @@ class LoadReport:
     commit_s: float = 0.0
     rebuild_read_s: float = 0.0
     reported_ms: int = 0
+    # The dtype, weights and kernels the engine chose at start, and the CPU it chose them for
+    # (engine/capability.py ExecutionPaths.as_dict()); empty for an engine built by hand.
+    engine_paths: dict = field(default_factory=dict)
 
 
 class Replicas:

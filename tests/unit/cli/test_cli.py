@@ -73,9 +73,12 @@ def test_an_environment_value_is_named_by_its_config_path(monkeypatch, up_stops_
 
 
 def test_cross_field_errors_are_refused():
-    result = invoke("generate", "--prompt", "hi", "--weights", "int4")  # int4 needs bfloat16/float16
+    result = invoke("generate", "--prompt", "hi", "--weights", "int4", "--dtype", "float32")  # int4: 16-bit dtypes
     assert result.exit_code == 2, result.output
     assert "weights=int4 needs dtype bfloat16 or float16" in result.output
+    result = invoke("generate", "--prompt", "hi", "--weights", "int8", "--dtype", "bfloat16")
+    assert result.exit_code == 2, result.output
+    assert "weights=int8 computes in float32" in result.output
 
 
 def test_max_sessions_is_gone_slots_replaces_it(up_stops_at_settings):

@@ -24,7 +24,8 @@ def tiny_neox(tmp_path_factory):
 @pytest.fixture
 def make_engine(tiny_llama):
     def build(**overrides):
-        fields = dict(model=str(tiny_llama), sinks=4, window=32, slots=4, device="cpu", prefill_chunk=16, num_threads=1)
+        fields = dict(model=str(tiny_llama), sinks=4, window=32, slots=4, device="cpu", prefill_chunk=16, num_threads=1,
+                      dtype="float32", weights="dense")  # the float32 reference path; auto: test_capability.py
         fields.update(overrides)
         return load_engine(EngineConfig(**fields))
 

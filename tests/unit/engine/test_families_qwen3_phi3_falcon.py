@@ -63,7 +63,8 @@ def checkpoints(tmp_path_factory):
 
 
 def engine_for(path, **overrides):
-    fields = dict(model=str(path), sinks=4, window=32, slots=4, device="cpu", prefill_chunk=16, num_threads=1)
+    fields = dict(model=str(path), sinks=4, window=32, slots=4, device="cpu", prefill_chunk=16, num_threads=1,
+                  dtype="float32", weights="dense")
     fields.update(overrides)
     return load_engine(EngineConfig(**fields))
 

@@ -116,3 +116,49 @@ def test_int4_needs_a_16_bit_dtype():
     with pytest.raises(ValidationError, match="weights=int4 needs dtype bfloat16 or float16"):
         EngineConfig(weights="int4", dtype="float32")
     assert EngineConfig(weights="int4", dtype="float16").weights == "int4"
+
+
+needs_fbgemm = pytest.mark.skipif(not __import__("sinkserve.engine.quant", fromlist=["x"]).int8_kernel_available(),
+                                  reason="fbgemm's int8 GEMM needs a CPU with AVX2")
+
+
+@needs_fbgemm
+def test_int8_linear_is_close_to_its_dequantized_weights_and_batch_invariant():
+    from sinkserve.engine.quant import Int8Linear, quantize_int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 96, bias=True)
+    module = Int8Linear(linear, max_rows=64)
+    q, scale = quantize_int8(linear.weight)
+    assert torch.equal(module.weight, q.float() * scale[:, None])
+    x = torch.randn(12, 192)
+    x[3] *= 50  # one row with large activations must not coarsen the others' grid
+    ref = F.linear(x, module.weight, linear.bias)
+    out = module(x)
+    assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 2e-3  # ~13-bit activations
+    alone = torch.cat([module(x[i : i + 1]) for i in range(12)])
+    assert torch.equal(alone, out)  # a row's result does not depend on the other rows of its step
+    big = torch.randn(65, 192)  # past max_rows: the float32 GEMM on the same de-quantized weights
+    assert torch.allclose(module(big), F.linear(big, module.weight, linear.bias), atol=1e-5)
+
+
+@needs_fbgemm
+def test_int8_weights_compute_the_dequantized_model(tiny_llama):
+    from sinkserve.engine.quant import quantize_int8
+
+    ids = random_ids(80, seed=5)
+    dense = load_engine(EngineConfig(model=str(tiny_llama), sinks=4, window=32, slots=1, device="cpu",
+                                     dtype="float32", weights="dense", prefill_chunk=16))
+    with torch.no_grad():  # the reference: the float32 model holding the int8 weights' values
+        for module in dense.runner.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                q, scale = quantize_int8(module.weight)
+                module.weight.copy_(q.float() * scale[:, None])
+    ref = dense.stream_logits(ids, chunk=1)
+    engine = load_engine(EngineConfig(model=str(tiny_llama), sinks=4, window=32, slots=1, device="cpu",
+                                      dtype="auto", weights="int8", prefill_chunk=16))
+    assert engine.paths.dtype == "float32" and engine.paths.weights == "int8"
+    for chunk in (1, 16):  # decode rows on the int8 GEMM; 16-row chunks past max_rows on the float32 one
+        ours = engine.stream_logits(ids, chunk=chunk)
+        assert (ours - ref).abs().max() <= 2e-3 * ref.abs().max(), (chunk, (ours - ref).abs().max())
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

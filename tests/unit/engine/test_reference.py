@@ -19,7 +19,8 @@ from sinkserve.engine.testing import random_ids
 def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
     path = request.getfixturevalue(arch_fixture)
     engine = load_engine(
-        EngineConfig(model=str(path), sinks=sinks, window=256, slots=1, device="cpu", prefill_chunk=chunk)
+        EngineConfig(model=str(path), sinks=sinks, window=256, slots=1, device="cpu", prefill_chunk=chunk, dtype="float32",
+                     weights="dense")
     )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids(200, seed=1)
@@ -32,7 +33,7 @@ def test_logits_equal_hf_before_eviction(request, arch_fixture, sinks, chunk):
 @pytest.mark.slow
 def test_bundled_model_equals_hf_before_eviction():
     checkpoint = prepare_bundled_model()
-    engine = load_engine(EngineConfig(sinks=4, window=508, slots=1, device="cpu", prefill_chunk=128))
+    engine = load_engine(EngineConfig(sinks=4, window=508, slots=1, device="cpu", prefill_chunk=128, dtype="float32", weights="dense"))
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = engine.tokenizer("Attention sinks keep streaming language models stable. " * 30)["input_ids"][:300]
     ours = engine.stream_logits(ids, chunk=128)
@@ -100,7 +101,8 @@ def test_after_eviction_positions_are_inside_the_cache(tiny_llama, chunk):
     sinks, window = 4, 24
     ids = random_ids(120, seed=2)  # ~4x the window: the ring wraps several times
     engine = load_engine(
-        EngineConfig(model=str(tiny_llama), sinks=sinks, window=window, slots=1, device="cpu", prefill_chunk=10)
+        EngineConfig(model=str(tiny_llama), sinks=sinks, window=window, slots=1, device="cpu", prefill_chunk=10,
+                     dtype="float32", weights="dense")
     )
     ours = engine.stream_logits(ids, chunk=chunk)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

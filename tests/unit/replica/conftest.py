@@ -20,7 +20,8 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture
 def make_engine(tiny_checkpoint):
     def build(slots: int = 2, **engine):
-        fields = dict(model=str(tiny_checkpoint), sinks=SINKS, window=WINDOW, slots=slots, device="cpu", num_threads=1)
+        fields = dict(model=str(tiny_checkpoint), sinks=SINKS, window=WINDOW, slots=slots, device="cpu", num_threads=1,
+                      dtype="float32", weights="dense")
         return load_engine(EngineConfig(**{**fields, **engine}))
 
     return build

@@ -35,7 +35,7 @@ def load_model(
     checkpoint: Path, dtype: torch.dtype, device: torch.device, weights: str = "dense", packed_max_rows: int = 8
 ) -> tuple[torch.nn.Module, dict]:
     """Build the model for `checkpoint` (config.json + *.safetensors) in eval mode; returns (model, hf_config).
-    weights="int4" packs the linear layers (engine/quant.py) from the checkpoint's own precision."""
+    weights="int4"/"int8" packs the linear layers (engine/quant.py) from the checkpoint's own precision."""
     from safetensors.torch import load_file
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -57,6 +57,10 @@ def load_model(
         from sinkserve.engine.quant import quantize_model
 
         quantize_model(model.float(), packed_max_rows)  # from the checkpoint's values, before the cast
+    elif weights == "int8":
+        from sinkserve.engine.quant import quantize_model_int8
+
+        quantize_model_int8(model.float(), packed_max_rows)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config
 
 
