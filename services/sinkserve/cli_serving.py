@@ -196,6 +196,7 @@ async def _serve(settings, serve_forever) -> None:
     typer.secho(f"\nsinkserve is up: gRPC gateway on {address}", fg=typer.colors.GREEN)
     for frontend in frontends:
         typer.secho(f"OpenAI-compatible HTTP API on {frontend.url}/v1", fg=typer.colors.GREEN)
+        typer.secho(f"web chat page on {frontend.url}/ (paste a tenant key there)", fg=typer.colors.GREEN)
     typer.echo(
         "In another terminal:\n"
         "  sinkserve tenant create demo      # prints an API key and saves it as the default\n"
