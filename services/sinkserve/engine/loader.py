@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,19 +41,30 @@ def eos_ids(hf_config: dict, tokenizer, checkpoint: Path | None = None) -> froze
     return frozenset(ids)
 
 
-def load_engine(config: EngineConfig):
-    """Load the model and tokenizer named by `config` and build an engine around them."""
+# What load_engine reports to its `on_stage` callback, in order (a stage may be skipped).
+LOAD_STAGES = ("finding the checkpoint", "reading the weights", "building the model", "packing int4 weights",
+               "loading the tokenizer", "allocating the KV slab")
+
+
+def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = None):
+    """Load the model and tokenizer named by `config` and build an engine around them. `on_stage` is told each
+    of LOAD_STAGES as it begins (a CLI shows progress with it)."""
     from transformers import AutoTokenizer
 
     from sinkserve.engine.engine import Engine
 
+    stage = on_stage or (lambda _: None)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stage(LOAD_STAGES[0])
     checkpoint = resolve_checkpoint(config.model)
     device = resolve_device(config.device)
     if config.weights == "int4" and device.type != "cpu":
         raise InvalidArgument(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
-    model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
+    model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows,
+                                  on_stage=stage)
+    stage(LOAD_STAGES[4])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    stage(LOAD_STAGES[5])
     return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model))
