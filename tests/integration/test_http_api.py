@@ -11,6 +11,10 @@ import pytest
 
 from sinkserve.errors import SessionNotFound
 
+from .conftest import SINKS, WINDOW
+
+CAPACITY = SINKS + WINDOW
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(300)]
 
 
@@ -21,6 +25,10 @@ def sdk(stack, api_key: str) -> openai.OpenAI:
 
 def session_record(stack, sid: str):
     return stack.loop.run(stack.store.sessions.get_session(sid))
+
+
+def record_owner(stack, sid: str) -> str:
+    return session_record(stack, sid).owner
 
 
 def transcript(stack, sid: str):
@@ -45,7 +53,9 @@ def test_responses_chained_by_previous_response_id_hold_one_session(stack):
         reply = client.responses.create(input=f"Turn {i + 2}: go on.", previous_response_id=previous.id,
                                         max_output_tokens=6)
         assert reply.previous_response_id == previous.id
-        assert reply.model_extra["sinkserve"] == {"session_id": sid, "turn": i + 2}
+        extra = reply.model_extra["sinkserve"]
+        assert (extra["session_id"], extra["turn"]) == (sid, i + 2)
+        assert extra["replica"] == record_owner(stack, sid) and 0 < extra["cache_entries"] <= CAPACITY
         assert reply.usage.output_tokens >= 1
         responses.append(reply)
         total += reply.usage.total_tokens
@@ -196,6 +206,10 @@ def test_client_disconnect_stops_generation(stack):
         if event.type == "response.output_text.delta":
             break
     stream.close()  # hang up mid-reply
+    # The gateway drops the turn lock as soon as it cancels; the replica records the cut turn when it stops.
+    deadline = time.monotonic() + 30
+    while stack.loop.run(stack.store.sessions.last_turn(sid)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     wait_idle(stack, sid)
     record = session_record(stack, sid)
     entries = transcript(stack, sid)

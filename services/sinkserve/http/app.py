@@ -122,6 +122,8 @@ class Turn:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.turn = 0
+        self.replica = ""
+        self.cache_entries = 0
         self.finished = False
         self.cut = False
 
@@ -136,6 +138,8 @@ class Turn:
             self.cut = event.finish_reason == "aborted"
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
             self.turn = event.turn
+            self.replica = event.replica
+            self.cache_entries = getattr(event, "cache_entries", 0)  # a replayed TurnRecord has none
             self.text.append(event.text)
             return event.text
         return ""
@@ -332,7 +336,9 @@ class HttpApi:
             "incomplete_details": {"reason": "max_output_tokens"} if turn is not None and
             turn.finish_reason == "length" else None,
             "error": None, "usage": usage,
-            "sinkserve": {"session_id": sid, "turn": turn.turn if turn is not None else 0},
+            "sinkserve": {"session_id": sid, "turn": turn.turn if turn is not None else 0,
+                          "replica": turn.replica if turn is not None else "",
+                          "cache_entries": turn.cache_entries if turn is not None else 0},
         }
 
     async def responses_create(self, request: Request) -> Response:
