@@ -63,8 +63,10 @@ def test_responses_chained_by_previous_response_id_hold_one_session(stack):
     assert record.turns == 5  # every turn went into the one session
     entries = transcript(stack, sid)
     assert len(entries) == 5
-    assert record.tokens_seen == sum(len(e) for e in entries) > 0
-    assert record.tokens_seen <= total  # usage counts what was sampled; a turn's stop token may not be kept
+    # Every id the session took in, each once. (Usage is per turn in OpenAI's terms and does not add up to it
+    # exactly: ids a turn queues for the next one, its last sampled token and the template's close, are fed
+    # with the next message.)
+    assert record.tokens_seen == sum(len(e) for e in entries) > total / 2
     # Stored responses come back by id, with the same text.
     again = client.responses.retrieve(responses[2].id)
     assert again.id == responses[2].id and again.output_text == responses[2].output_text
@@ -79,15 +81,17 @@ def test_responses_streaming_event_sequence(stack):
     head = kinds[:deltas[0]]
     assert head == ["response.created", "response.in_progress", "response.output_item.added",
                     "response.content_part.added"]
+    final = events[-1].response
+    # max_output_tokens reached: incomplete (OpenAI's word for it); an end of its own: completed
+    terminal = "response.incomplete" if final.incomplete_details else "response.completed"
+    if final.incomplete_details:
+        assert final.incomplete_details.reason == "max_output_tokens" and final.usage.output_tokens == 8
     assert kinds[deltas[-1] + 1:] == ["response.output_text.done", "response.content_part.done",
-                                      "response.output_item.done", "response.incomplete"] or \
-        kinds[deltas[-1] + 1:] == ["response.output_text.done", "response.content_part.done",
-                                   "response.output_item.done", "response.completed"]
+                                      "response.output_item.done", terminal]
+    assert final.status == terminal.removeprefix("response.")
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(events[i].delta for i in deltas)
-    final = events[-1].response
     assert final.output_text == text == events[deltas[-1] + 1].text
-    assert final.usage.output_tokens == 8 or final.status == "completed"
     assert final.id == events[0].response.id
     assert events[0].response.status == "in_progress"
 
