@@ -117,6 +117,23 @@ def busy_ports(settings) -> list[str]:
             for port, what, flag in wanted if port and port_in_use(host, port)]
 
 
+def redis_unreachable(settings) -> str:
+    """Why the configured Redis does not answer a PING ("" when it does)."""
+    import redis
+
+    password = settings.redis.password.get_secret_value() if settings.redis.password is not None else None
+    client = redis.Redis.from_url(settings.redis.url, password=password, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.AuthenticationError as err:
+        return f"Redis refused us ({err}); SINKSERVE_REDIS__PASSWORD sets the password"
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        return f"cannot reach Redis ({err}); leave --redis-url out and `up` starts a redis-server of its own"
+    finally:
+        client.close()
+    return ""
+
+
 @UP_FLAGS
 def up(
     num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs the local Ray may use (default: all)"),
@@ -142,6 +159,10 @@ def up(
     busy = busy_ports(settings)
     if busy:  # before anything starts: found now, not after Ray and the replicas came up
         _fail("; ".join(busy) + " (is another `sinkserve up` running?)", 1)
+    if redis_url is not None:
+        problem = redis_unreachable(settings)
+        if problem:
+            _fail(f"--redis-url {redis_url}: {problem}", 1)
     replicas = settings.replica.num_replicas
     # SIGTERM (and SIGHUP: the terminal closed) shut down like Ctrl-C: everything this command started is stopped,
     # nothing else (redis-server runs in a session of its own and is stopped here, not by the terminal).

@@ -212,6 +212,14 @@ def test_up_checks_its_ports_before_starting_anything(monkeypatch):
     assert not cli_serving.port_in_use("127.0.0.1", g)
 
 
+def test_up_checks_a_given_redis_before_starting_anything():
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    result = runner.invoke(app, ["up", "--redis-url", url, "--port", "0", "--http-port", "0"])
+    assert result.exit_code == 1, result.output
+    assert f"--redis-url {url}: cannot reach Redis" in result.output
+    assert "Traceback" not in result.output and "starting Ray" not in result.output
+
+
 def test_generate_with_a_missing_model_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     broken = tmp_path / "broken"
