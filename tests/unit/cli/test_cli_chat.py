@@ -259,3 +259,28 @@ def test_gateway_without_a_cluster_names_the_ray_address_flag(monkeypatch):
     result = runner.invoke(app, ["gateway", "--port", "0", "--http-port", "0"])
     assert result.exit_code == 1
     assert "--ray-address" in result.output and "`--address`" not in result.output
+
+
+def test_up_prints_the_web_chat_page_url(tmp_path, monkeypatch, capfd):
+    from sinkserve import cli_serving
+
+    monkeypatch.setenv("SINKSERVE_CACHE_DIR", str(tmp_path))
+    settings = Settings(gateway={"host": "127.0.0.1", "port": 0, "http_port": 8123})
+
+    async def main() -> None:
+        announced = asyncio.Event()  # `up` saves the client defaults, then prints where everything is
+
+        async def serve_forever(settings, ready, frontends):  # the gateway, as far as `up` sees it: listening
+            for frontend in frontends:
+                frontend.port = frontend.requested_port
+            ready.set_result(50123)
+            await announced.wait()
+
+        monkeypatch.setattr(cli_serving, "save_defaults", lambda **_: announced.set() or tmp_path / "client.json")
+        await cli_serving._serve(settings, serve_forever)
+
+    asyncio.run(main())
+    out = capfd.readouterr().out
+    assert "gRPC gateway on 127.0.0.1:50123" in out
+    assert "OpenAI-compatible HTTP API on http://127.0.0.1:8123/v1" in out
+    assert "web chat page on http://127.0.0.1:8123/" in out
