@@ -1,6 +1,6 @@
 """The web chat page (GET /) in a real headless browser: Debian's chromium driven by selenium against the local
 stack (tiny model). Paste a key, send two messages and watch them stream, reload (same session id and transcript),
-send a third that continues the session."""
+send a third that continues the session, then stop a fourth mid-reply."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def _transcript(driver) -> list[tuple[str, str]]:
 
 def test_web_chat_streams_survives_reload_and_continues(stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     key = stack.tenant("web-chat")
@@ -106,3 +107,20 @@ def test_web_chat_streams_survives_reload_and_continues(stack, browser, tmp_path
 
     shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "web_chat.png")
     assert browser.save_screenshot(str(shot))
+
+    # Stop: the page hangs up mid-reply, the reply is marked cut, and the server stops and records the turn cut.
+    tokens = browser.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys("90000")
+    box = browser.find_element(By.ID, "message")
+    box.send_keys("Now an endless story, please.")
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: int(d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+                             .get_attribute("data-deltas") or 0) > 2)
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1].get_attribute("data-done"))
+    assert "cut" in browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1].get_attribute("class")
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    wait.until(lambda d: stack.loop.run(stack.store.sessions.get_session(sid)).turns == 4)
+    last = stack.loop.run(stack.store.sessions.last_turn(sid))
+    assert last.finish_reason == "aborted" and last.completion_tokens < 90_000
