@@ -11,9 +11,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup venv deps model run test test-fast bench bench-quick loadtest proto clean
+.PHONY: setup venv deps model browser run test test-fast bench bench-quick loadtest proto clean
 
-setup: $(VENV)/.stamp-deps model
+setup: $(VENV)/.stamp-deps model browser
 
 $(VENV)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ deps: $(VENV)/.stamp-deps
 
 model: $(VENV)/.stamp-deps
 	$(SINKSERVE) model prepare
+
+# Debian's chromium and chromedriver for the web chat page's browser test (tests/integration/test_web_chat.py).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi
 
 run: setup
 	$(SINKSERVE) up

@@ -17,6 +17,8 @@ A turn fails when the call ends with a gRPC error (named by its status code, e.g
 when the stream ends without a final event (NO_FINAL), or when the final event shows the session lost
 its history (TRANSCRIPT: the turn number did not advance by one, or the cache shrank).
 
+``locustfile_http.py`` has the same user over the OpenAI-compatible HTTP API (``--protocol http``).
+
 Run it through ``python -m loadtest.run`` (which starts the stack and writes the report), or against any
 gateway:  locust -f loadtest/locustfile.py --headless -u 100 -r 10 -t 5m --host 127.0.0.1:50051 --api-key KEY
 """
@@ -171,14 +173,17 @@ class EndlessChatUser(User):
         index = EndlessChatUser._next_index
         EndlessChatUser._next_index += 1
         self.rng = random.Random(opts.seed * 1_000_003 + index)
-        self.stub = pb_grpc.SinkServeStub(_channel(self.host, index, opts.channels))
-        self.metadata = (("authorization", f"Bearer {opts.api_key}"),)
+        self.connect(index)
         self.session_id: str | None = None
         self.capacity = 0
         self.turns_done = 0  # turns this user saw finish (the server's count must match)
         self.last_acknowledged = 0  # the number of the last turn this user saw finish (never reset)
         self.expected_turn: int | None = None  # None after a failed turn: the server may have recorded it
         self.last_cache_entries = 0
+
+    def connect(self, index: int) -> None:
+        self.stub = pb_grpc.SinkServeStub(_channel(self.host, index, self.opts.channels))
+        self.metadata = (("authorization", f"Bearer {self.opts.api_key}"),)
 
     def wait_time(self) -> float:
         return self.rng.uniform(self.opts.think_min, self.opts.think_max)
@@ -258,6 +263,10 @@ class EndlessChatUser(User):
         if final is None:
             self._failed(started, t0, "NO_FINAL", "stream ended without a final event")
             return
+        self._finished(started, t0, final, final.usage.completion_tokens)
+
+    def _finished(self, started: float, t0: float, final, completion_tokens: int) -> None:
+        """A turn's final event (`final` has turn, cache_entries and replica): continuity checked, counted."""
         TALLY.lost(self.session_id, self.last_acknowledged - (final.turn - 1))
         problem = self._continuity_problem(final)
         if problem:
@@ -270,14 +279,14 @@ class EndlessChatUser(User):
         with TALLY.lock:
             TALLY.outcomes["OK"] += 1
             TALLY.turns_per_session[self.session_id] = self.turns_done
-            TALLY.completion_tokens += final.usage.completion_tokens
+            TALLY.completion_tokens += completion_tokens
             TALLY.replicas[final.replica] += 1
             TALLY.turn_log.append((round(time.time(), 2), "OK"))
-        self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, length=final.usage.completion_tokens)
+        self._fire("TURN", "SendMessage", started, time.perf_counter() - t0, length=completion_tokens)
         if self.opts.check_every and self.turns_done % self.opts.check_every == 0:
             self._check_session(final.turn)
 
-    def _continuity_problem(self, final: pb.TurnFinished) -> str:
+    def _continuity_problem(self, final) -> str:
         """A session that kept its history numbers its turns 1, 2, 3, ... and its cache never shrinks."""
         if self.expected_turn is not None and final.turn != self.expected_turn:
             return f"session {self.session_id}: turn {final.turn}, expected {self.expected_turn}"
@@ -305,11 +314,14 @@ class EndlessChatUser(User):
             TALLY.lost(self.session_id, self.last_acknowledged - session.turns)
         except grpc.RpcError as err:
             outcome, session = err.code().name, None
+        self._checked(started, t0, outcome, turn, session.turns if session is not None else None)
+
+    def _checked(self, started: float, t0: float, outcome: str, turn: int, registry_turns: int | None) -> None:
         with TALLY.lock:
             TALLY.session_checks[outcome] += 1
         error = None
         if outcome != "match":
-            seen = f"registry has {session.turns} turns, user saw {turn}" if session is not None else outcome
+            seen = f"registry has {registry_turns} turns, user saw {turn}" if registry_turns is not None else outcome
             TALLY.failure_sample(f"GetSession {outcome} {self.session_id}: {seen}")
             error = GrpcStatus(outcome)
         self._fire("CHECK", "GetSession", started, time.perf_counter() - t0, exception=error)

@@ -933,7 +933,8 @@ def _run_section(name: str, run: dict[str, Any]) -> list[str]:
         f"- command: `{run['command']}`",
         f"- model: {cfg['model']}",
         f"- CPU: {run['cpu']}" if run.get("cpu") else "- CPU: not recorded (this run predates the CPU line)",
-        f"- stack: {cfg['target']}"
+        f"- stack: {cfg['target']}" + (" (users chat over the OpenAI-compatible HTTP API: Responses with the "
+                                        "conversation kept, SSE)" if cfg.get("protocol") == "http" else "")
         + (f"; {cfg['replicas']} replica(s) × {cfg['slots']} KV slots" if cfg.get("replicas") else "")
         + (f", cache {cfg['sinks']} sinks + {cfg['window']} window entries per session" if cfg.get("sinks") else ""),
         f"- each turn: up to {cfg['max_tokens']} new tokens ({cfg.get('sampling', 'greedy')}), deadline {cfg['turn_timeout_s']:.0f} s; think time "

@@ -39,7 +39,10 @@ from loadtest import faults, report
 from loadtest.stack import LocalStack, MemorySampler, cpu_info, describe_cpu, prepare_model, process_threads
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+LOCUSTFILES = {  # the Locust users of each protocol: the same endless chat, the same metrics
+    "grpc": Path(__file__).resolve().parent / "locustfile.py",
+    "http": Path(__file__).resolve().parent / "locustfile_http.py",
+}
 
 
 def _user_counts(text: str) -> list[int]:
@@ -77,7 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--think-min", type=float, default=5, help="shortest think time between turns, s (default 5)")
     parser.add_argument("--think-max", type=float, default=15, help="longest think time between turns, s (default 15)")
     parser.add_argument("--turn-timeout", type=float, default=60, help="deadline of one turn, s (default 60)")
-    parser.add_argument("--target", help="host:port of a running gateway instead of starting the local stack")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                        help="how the users chat: grpc (SendMessage) or http (the OpenAI-compatible Responses API "
+                        "with the conversation kept, SSE streaming; the local stack then starts its HTTP API too)")
+    parser.add_argument("--target", help="a running gateway instead of starting the local stack: host:port "
+                        "(grpc) or http://host:port (http)")
     parser.add_argument("--api-key", default=os.environ.get("SINKSERVE_API_KEY"),
                         help="tenant API key for --target (default: $SINKSERVE_API_KEY)")
     parser.add_argument("--name", help="run name in the report (default: <model>-<users>u)")
@@ -127,7 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("spawn_rate", "duration", "replicas", "slots", "window", "max_tokens", "turn_timeout"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
-    args.name = args.name or f"{args.model if not args.target else 'remote'}-{'-'.join(map(str, args.users))}u"
+    if args.target and args.protocol == "http" and not args.target.startswith(("http://", "https://")):
+        parser.error("--protocol http: --target is the HTTP API's URL (http://host:port)")
+    args.name = args.name or (f"{args.model if not args.target else 'remote'}-{'-'.join(map(str, args.users))}u"
+                              + ("-http" if args.protocol == "http" else ""))
     if not all(c.isalnum() or c in "-_." for c in args.name):
         parser.error("--name may hold letters, digits, '-', '_' and '.' only")
     args.results_dir = args.results_dir or ROOT / "loadtest" / "results" / args.name
@@ -173,7 +183,7 @@ def run_locust(args: argparse.Namespace, users: int, address: str, api_key: str,
     stop_timeout = args.turn_timeout + 5  # a user mid-turn at the end may finish it
     command = [
         sys.executable, "-m", "locust",
-        "-f", str(LOCUSTFILE),
+        "-f", str(LOCUSTFILES[args.protocol]),
         "--headless", "--only-summary",
         "-u", str(users), "-r", str(args.spawn_rate), "-t", f"{int(args.duration)}s",
         "--stop-timeout", str(int(stop_timeout)),
@@ -319,9 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
                     dtype=args.dtype,
                     weights=args.weights,
                     replica_cpus=args.replica_cpus,
+                    http=args.protocol == "http",
                 )
                 stack.start(tenant_sessions=sum(args.users) + 10)
-                address, api_key = stack.address, stack.api_key
+                address, api_key = (stack.http_url if args.protocol == "http" else stack.address), stack.api_key
                 _print(f"gateway {address} is serving")
             for users in args.users:
                 step_dir = args.results_dir if len(args.users) == 1 else args.results_dir / f"u{users}"
@@ -422,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": recorded_command(argv if argv is not None else sys.argv[1:], args.api_key),
         "config": {
             "target": "remote gateway " + args.target if args.target else "local stack on 127.0.0.1",
+            "protocol": args.protocol,
             "model": model_description,
             "model_key": args.model if not args.target else None,
             "dtype": args.dtype if not args.target else None,

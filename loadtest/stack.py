@@ -3,7 +3,7 @@
 ``LocalStack`` starts a private redis-server (durable and supervised as ``sinkserve up`` runs its own: an
 append-only file in the run's temporary directory, a generated password, restarted when it dies, so a fault
 schedule can kill it) and ``sinkserve up`` (local Ray on 127.0.0.1, the Serve app,
-the gRPC gateway) as child processes, creates a tenant, and stops exactly what it started. The stack
+the gRPC gateway, and its HTTP API for HTTP users) as child processes, creates a tenant, and stops exactly what it started. The stack
 process gets its own process group and a private SINKSERVE_CACHE_DIR, so neither a stray Ray worker nor
 ``up``'s saved client defaults outlive the run.
 """
@@ -115,6 +115,25 @@ def wait_serving(address: str, process: subprocess.Popen, log_path: Path, timeou
     raise TimeoutError(f"the gateway on {address} was not SERVING after {timeout_s:.0f}s (log: {log_path})")
 
 
+def wait_http_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll the HTTP API's /readyz until it answers 200 (it starts just after the gRPC server)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the stack exited with {process.returncode} (log: {log_path})")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the HTTP API on {url} was not ready after {timeout_s:.0f}s (log: {log_path})")
+
+
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """{thread id: (name, CPU seconds so far)} of a local process, from /proc (empty when unreadable)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -157,9 +176,11 @@ class LocalStack:
     dtype: str = "float32"
     weights: str = "dense"
     replica_cpus: float = 1.0
+    http: bool = False  # start the gateway's HTTP API too (for the HTTP users), on a free port
     key_prefix: str = "loadtest"
     start_timeout_s: float = 900
     address: str = ""
+    http_url: str = ""
     redis_url: str = ""
     redis_password: str = ""
     api_key: str = ""
@@ -182,6 +203,8 @@ class LocalStack:
             self.redis_url = self._redis.url
             port = free_port()
             self.address = f"127.0.0.1:{port}"
+            http_port = free_port() if self.http else 0
+            self.http_url = f"http://127.0.0.1:{http_port}" if self.http else ""
             inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
             self._env = {
                 **inherited,
@@ -200,7 +223,8 @@ class LocalStack:
                 "--replicas", str(self.replicas),
                 "--replica-cpus", f"{self.replica_cpus:g}",
                 "--port", str(port),
-                "--http-port", "0",  # the load test speaks gRPC; a busy 8000 (or a second stack) must not stop it
+                # a free port, not 8000 (a busy 8000 or a second stack must not stop it); 0 = off for gRPC users
+                "--http-port", str(http_port),
                 "--model", str(self.model.checkpoint),
                 "--slots", str(self.slots),
                 "--sinks", str(self.sinks),
@@ -217,6 +241,8 @@ class LocalStack:
             )
             log.close()
             wait_serving(self.address, self._process, self.log_path, self.start_timeout_s)
+            if self.http:
+                wait_http_ready(self.http_url, self._process, self.log_path, 60)
             self.api_key = self._create_tenant(tenant_sessions)
             return self
         except BaseException:

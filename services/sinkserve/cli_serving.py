@@ -1,6 +1,6 @@
-"""Serving commands of the `sinkserve` CLI: up, gateway, tenant, chat.
+"""Serving commands of the `sinkserve` CLI: up, gateway, tenant (`chat` and `session` are in cli_chat).
 
-`tenant` and `chat` load neither torch nor Ray; `up` and `gateway` import Ray when they run.
+`tenant` loads neither torch nor Ray; `up` and `gateway` import Ray when they run.
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ import math
 import os
 import secrets
 import signal
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from sinkserve.cli_flags import ConfigError, ConfigFlags, GivenFlags
-from sinkserve.client import DEFAULT_ADDRESS, defaults_file, load_defaults, save_defaults
+from sinkserve.client import defaults_file, load_defaults, save_defaults
 
 tenant_app = typer.Typer(help="Tenants and their API keys (in the stack's Redis).", no_args_is_help=True)
 
@@ -92,6 +90,50 @@ def up_settings(flags: GivenFlags, redis_url: Optional[str] = None):
     return settings
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port (binding it fails). SO_REUSEADDR, so that a port left in TIME_WAIT
+    by a stopped stack counts as free, as it does for the servers themselves."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def busy_ports(settings) -> list[str]:
+    """The fixed ports `up` would listen on that something else holds, each with the setting that moves it.
+    (redis-server and Ray's own ports are picked free at start; Ray's dashboard is off.)"""
+    host = settings.gateway.host
+    wanted = [(settings.gateway.port, "the gRPC gateway", "--port PORT (0 = any free port)"),
+              (settings.gateway.http_port, "the HTTP API", "--http-port PORT (0 turns the HTTP API off)")]
+    if settings.ray.metrics_export_port:
+        wanted.append((settings.ray.metrics_export_port, "Ray's metrics endpoint",
+                       "SINKSERVE_RAY__METRICS_EXPORT_PORT"))
+    return [f"port {port} ({what}) on {host} is in use: {flag} changes it"
+            for port, what, flag in wanted if port and port_in_use(host, port)]
+
+
+def redis_unreachable(settings) -> str:
+    """Why the configured Redis does not answer a PING ("" when it does)."""
+    import redis
+
+    password = settings.redis.password.get_secret_value() if settings.redis.password is not None else None
+    client = redis.Redis.from_url(settings.redis.url, password=password, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.AuthenticationError as err:
+        return f"Redis refused us ({err}); SINKSERVE_REDIS__PASSWORD sets the password"
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        return f"cannot reach Redis ({err}); leave --redis-url out and `up` starts a redis-server of its own"
+    finally:
+        client.close()
+    return ""
+
+
 @UP_FLAGS
 def up(
     num_cpus: Optional[int] = typer.Option(None, min=1, help="CPUs the local Ray may use (default: all)"),
@@ -114,6 +156,13 @@ def up(
     settings = up_settings(flags, redis_url)
     if redis_url is not None and data_dir is not None:
         _fail("--data-dir: only for the redis-server `up` starts; leave it out with --redis-url")
+    busy = busy_ports(settings)
+    if busy:  # before anything starts: found now, not after Ray and the replicas came up
+        _fail("; ".join(busy) + " (is another `sinkserve up` running?)", 1)
+    if redis_url is not None:
+        problem = redis_unreachable(settings)
+        if problem:
+            _fail(f"--redis-url {redis_url}: {problem}", 1)
     replicas = settings.replica.num_replicas
     # SIGTERM (and SIGHUP: the terminal closed) shut down like Ctrl-C: everything this command started is stopped,
     # nothing else (redis-server runs in a session of its own and is stopped here, not by the terminal).
@@ -196,6 +245,7 @@ async def _serve(settings, serve_forever) -> None:
     typer.secho(f"\nsinkserve is up: gRPC gateway on {address}", fg=typer.colors.GREEN)
     for frontend in frontends:
         typer.secho(f"OpenAI-compatible HTTP API on {frontend.url}/v1", fg=typer.colors.GREEN)
+        typer.secho(f"web chat page on {frontend.url}/ (paste a tenant key there)", fg=typer.colors.GREEN)
     typer.echo(
         "In another terminal:\n"
         "  sinkserve tenant create demo      # prints an API key and saves it as the default\n"
@@ -223,7 +273,12 @@ def gateway(
     except KeyboardInterrupt:
         pass
     except ConnectionError as err:
-        _fail(f"cannot reach the Ray cluster: {err}", 1)
+        # Ray's own message names its CLI's `--address`; ours is --ray-address.
+        where = f"at {ray_address!r}" if ray_address else "(none given and none running here)"
+        detail = str(err).splitlines()[0] if str(err) else ""
+        detail = "" if "--address" in detail else f" ({detail})"
+        _fail(f"cannot reach a Ray cluster {where}{detail}: pass --ray-address ADDRESS or set RAY_ADDRESS; "
+              "`sinkserve up` starts a whole local stack instead", 1)
 
 
 # ---------------------------------------------------------------------------------------------- tenant
@@ -359,97 +414,6 @@ def tenant_delete(
     typer.echo(f"deleted tenant {name} ({live} sessions)")
 
 
-# ---------------------------------------------------------------------------------------------- chat
-def chat(
-    address: Optional[str] = typer.Option(None, envvar="SINKSERVE_ADDRESS", help="gateway host:port"),
-    api_key: Optional[str] = typer.Option(None, envvar="SINKSERVE_API_KEY", help="tenant API key"),
-    session: Optional[str] = typer.Option(None, help="resume this session instead of creating one"),
-    system: str = typer.Option("", help="system prompt of a new session"),
-    max_tokens: int = typer.Option(256, min=1),
-    temperature: float = typer.Option(0.7, min=0.0, help="0 = greedy"),
-    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
-    repetition_penalty: float = typer.Option(1.1, min=0.0),
-) -> None:
-    """Chat in the terminal; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D quits.
-
-    Commands: /info (session state), /new (fresh session), /quit.
-    """
-    import grpc
-
-    from sinkserve.client import SinkServeClient, generation_settings
-
-    saved = load_defaults()
-    address = address or saved.get("address") or DEFAULT_ADDRESS
-    api_key = api_key or saved.get("api_key")
-    if not api_key:
-        _fail("no API key: pass --api-key, set SINKSERVE_API_KEY, or run `sinkserve tenant create NAME` first")
-    settings = generation_settings(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty
-    )
-    client = SinkServeClient(address, api_key)
-
-    def call(fn, *args):
-        try:
-            return fn(*args)
-        except grpc.RpcError as err:
-            _fail(f"{err.code().name}: {err.details()}", 1)
-
-    if session:
-        current = call(client.get_session, session)
-    else:
-        current = call(client.create_session, system, settings)
-    typer.secho(
-        f"session {current.session_id} on replica {current.owner_replica or '-'} "
-        f"(cache {current.cache_capacity} entries). Ctrl-C stops a reply, Ctrl-D quits, /info, /new.",
-        fg=typer.colors.BRIGHT_BLACK,
-    )
-    while True:
-        try:
-            text = input("\nyou> ")
-        except (EOFError, KeyboardInterrupt):
-            typer.echo()
-            break
-        text = text.strip()
-        if not text:
-            continue
-        if text == "/quit":
-            break
-        if text == "/info":
-            info = call(client.get_session, current.session_id)
-            typer.echo(
-                f"turns {info.turns}, tokens seen {info.tokens_seen}, cache {info.cache_entries}/{info.cache_capacity}, "
-                f"replica {info.owner_replica}"
-            )
-            continue
-        if text == "/new":
-            current = call(client.create_session, system, settings)
-            typer.echo(f"new session {current.session_id}")
-            continue
-        stream = client.send_message(current.session_id, text)
-        sys.stdout.write("bot> ")
-        try:
-            for event in stream:
-                if event.HasField("delta"):
-                    sys.stdout.write(event.delta.text)
-                    sys.stdout.flush()
-                else:
-                    done = event.finished
-                    typer.secho(
-                        f"\n[{pb_reason(done.finish_reason)}; {done.usage.completion_tokens} tokens; "
-                        f"turn {done.turn}; cache {done.cache_entries}]",
-                        fg=typer.colors.BRIGHT_BLACK,
-                    )
-        except KeyboardInterrupt:
-            stream.cancel()
-            typer.secho("\n[stopped]", fg=typer.colors.YELLOW)
-            time.sleep(0.2)  # let the gateway record the partial reply before the next turn
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED:
-                continue
-            typer.secho(f"\nerror: {err.code().name}: {err.details()}", fg=typer.colors.RED, err=True)
-    client.close()
-
-
 def pb_reason(value: int) -> str:
     from sinkserve.v1 import sinkserve_pb2 as pb
 
@@ -459,6 +423,5 @@ def pb_reason(value: int) -> str:
 def register(app: typer.Typer) -> None:
     app.command(help=up.__doc__)(up)
     app.command(help=gateway.__doc__)(gateway)
-    app.command(help=chat.__doc__)(chat)
     app.add_typer(tenant_app, name="tenant")
 

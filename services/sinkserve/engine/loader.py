@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -44,13 +45,21 @@ def eos_ids(hf_config: dict, tokenizer, checkpoint: Path | None = None) -> froze
     return frozenset(ids)
 
 
-def load_engine(config: EngineConfig):
-    """Load the model and tokenizer named by `config` and build an engine around them."""
+# What load_engine reports to its `on_stage` callback, in order (a stage may be skipped).
+LOAD_STAGES = ("finding the checkpoint", "reading the weights", "building the model", "packing low-bit weights",
+               "loading the tokenizer", "allocating the KV slab")
+
+
+def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = None):
+    """Load the model and tokenizer named by `config` and build an engine around them. `on_stage` is told each
+    of LOAD_STAGES as it begins (a CLI shows progress with it)."""
     from transformers import AutoTokenizer
 
     from sinkserve.engine.engine import Engine
 
+    stage = on_stage or (lambda _: None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stage(LOAD_STAGES[0])
     device = resolve_device(config.device)
     paths = choose_paths(config.dtype, config.weights, config.packed_max_rows, device, threads=config.num_threads)
     if device.type == "cpu":
@@ -59,7 +68,10 @@ def load_engine(config: EngineConfig):
     config = config.model_copy(update={"dtype": paths.dtype, "weights": paths.weights,
                                        "packed_max_rows": paths.packed_max_rows})
     checkpoint = resolve_checkpoint(config.model)
-    model, hf_config = load_model(checkpoint, DTYPES[paths.dtype], device, paths.weights, paths.packed_max_rows)
+    model, hf_config = load_model(checkpoint, DTYPES[paths.dtype], device, paths.weights, paths.packed_max_rows,
+                                  on_stage=stage)
+    stage(LOAD_STAGES[4])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    stage(LOAD_STAGES[5])
     return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model),
                   paths=paths)

@@ -1,7 +1,8 @@
 """The Starlette app: OpenAI-compatible routes over ``GatewayCore`` (the logic the gRPC handlers use too).
 
 Routes: POST /v1/chat/completions, POST /v1/responses, GET /v1/responses/{id}, POST /v1/conversations,
-GET and DELETE /v1/conversations/{id}, GET /v1/models, /healthz, /readyz, /metrics. Every refusal is a
+GET and DELETE /v1/conversations/{id}, GET /v1/models, /healthz, /readyz, /metrics, and the web chat page
+(GET / and its files under /static, from the package's ``static`` folder: no build step, nothing from a CDN). Every refusal is a
 ``sinkserve.errors`` error mapped to HTTP in ``errors.py``'s one table. A streaming client that disconnects
 cancels the turn (the backend stream is cancelled, the replica stops generating), as on gRPC.
 """
@@ -19,8 +20,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from sinkserve.errors import InvalidArgument, NotFound, SinkServeError
 from sinkserve.gateway.core import GatewayCore
@@ -36,6 +38,7 @@ MODE_HEADER = "x-sinkserve-session-mode"
 SESSION_HEADER_OUT = "x-sinkserve-session-id"
 CONVERSATION_PREFIX = "conv_"
 RESPONSE_PREFIX = "resp_"
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 class Metrics:
@@ -119,6 +122,8 @@ class Turn:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.turn = 0
+        self.replica = ""
+        self.cache_entries = 0
         self.finished = False
         self.cut = False
 
@@ -133,6 +138,8 @@ class Turn:
             self.cut = event.finish_reason == "aborted"
             self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
             self.turn = event.turn
+            self.replica = event.replica
+            self.cache_entries = getattr(event, "cache_entries", 0)  # a replayed TurnRecord has none
             self.text.append(event.text)
             return event.text
         return ""
@@ -329,7 +336,9 @@ class HttpApi:
             "incomplete_details": {"reason": "max_output_tokens"} if turn is not None and
             turn.finish_reason == "length" else None,
             "error": None, "usage": usage,
-            "sinkserve": {"session_id": sid, "turn": turn.turn if turn is not None else 0},
+            "sinkserve": {"session_id": sid, "turn": turn.turn if turn is not None else 0,
+                          "replica": turn.replica if turn is not None else "",
+                          "cache_entries": turn.cache_entries if turn is not None else 0},
         }
 
     async def responses_create(self, request: Request) -> Response:
@@ -496,9 +505,14 @@ class HttpApi:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def chat_page(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
     def app(self) -> Starlette:
         r = self.route
         return Starlette(routes=[
+            Route("/", r("page", self.chat_page), methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
             Route("/v1/chat/completions", r("chat.completions", self.chat_completions), methods=["POST"]),
             Route("/v1/responses", r("responses", self.responses_create), methods=["POST"]),
             Route("/v1/responses/{response_id}", r("responses.get", self.responses_get), methods=["GET"]),

@@ -212,3 +212,16 @@ async def test_a_client_disconnect_cancels_the_turn(api):
         got += await asyncio.wait_for(reader.read(4096), 10)
     writer.close()
     await asyncio.wait_for(backend.cancelled.wait(), 10)
+
+
+async def test_chat_page_and_its_files_are_served_locally(api):
+    url = api[0]
+    status, headers, page = await call(url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert '<script src="/static/chat.js">' in page and 'href="/static/chat.css"' in page
+    for name, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
+        status, headers, text = await call(url + "/static/" + name)
+        assert status == 200 and kind in headers["content-type"] and text
+    for text in (page, (await call(url + "/static/chat.js"))[2], (await call(url + "/static/chat.css"))[2]):
+        assert "https://" not in text and "http://" not in text  # nothing from a CDN
+    assert (await call(url + "/static/nope.js"))[0] == 404

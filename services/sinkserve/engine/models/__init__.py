@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -32,11 +33,16 @@ def family_for(config: dict) -> ModuleType:
 
 
 def load_model(
-    checkpoint: Path, dtype: torch.dtype, device: torch.device, weights: str = "dense", packed_max_rows: int = 8
+    checkpoint: Path, dtype: torch.dtype, device: torch.device, weights: str = "dense", packed_max_rows: int = 8,
+    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Build the model for `checkpoint` (config.json + *.safetensors) in eval mode; returns (model, hf_config).
-    weights="int4"/"int8" packs the linear layers (engine/quant.py) from the checkpoint's own precision."""
+    weights="int4"/"int8" packs the linear layers (engine/quant.py) from the checkpoint's own precision. `on_stage`
+    is told each stage as it begins (loader.LOAD_STAGES' names)."""
     from safetensors.torch import load_file
+
+    stage = on_stage or (lambda _: None)
+    stage("reading the weights")
 
     config = json.loads((checkpoint / "config.json").read_text())
     family = family_for(config)
@@ -47,6 +53,7 @@ def load_model(
     hf_state: dict[str, torch.Tensor] = {}
     for file in files:
         hf_state.update(load_file(file))
+    stage("building the model")
     state = family.Transformer.convert_hf_state_dict(hf_state, args)
     with torch.device("meta"):
         model = family.Transformer(args)
@@ -56,10 +63,12 @@ def load_model(
     if weights == "int4":
         from sinkserve.engine.quant import quantize_model
 
+        stage("packing low-bit weights")
         quantize_model(model.float(), packed_max_rows)  # from the checkpoint's values, before the cast
     elif weights == "int8":
         from sinkserve.engine.quant import quantize_model_int8
 
+        stage("packing low-bit weights")
         quantize_model_int8(model.float(), packed_max_rows)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config
 
