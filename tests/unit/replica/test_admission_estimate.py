@@ -74,3 +74,6 @@ def test_calibration_follows_measured_turns_and_cut_offs_only_raise_it():
     for _ in range(200):
         calibration.observe(estimated_s=10.0, actual_s=1000.0)
     assert calibration.ratio <= calibration.high
+    for _ in range(100):  # an estimate five times too long is learnt, so it stops refusing turns that would finish
+        calibration.observe(estimated_s=40.0, actual_s=8.0)
+    assert 0.19 < calibration.ratio < 0.22
