@@ -40,8 +40,11 @@ def eos_ids(hf_config: dict, tokenizer, checkpoint: Path | None = None) -> froze
     return frozenset(ids)
 
 
-def load_engine(config: EngineConfig):
-    """Load the model and tokenizer named by `config` and build an engine around them."""
+def load_engine(config: EngineConfig, tensor_parallel: int = 1, oversubscribe: bool = False,
+                vocab_parallel: bool = True):
+    """Load the model and tokenizer named by `config` and build an engine around them. With tensor_parallel N > 1
+    the model is split over N local shards (engine/shards.py): this process is rank 0 and runs the engine, the
+    others are spawned processes that `engine.close()` stops; `oversubscribe` lets N exceed the CPUs here."""
     from transformers import AutoTokenizer
 
     from sinkserve.engine.engine import Engine
@@ -53,6 +56,32 @@ def load_engine(config: EngineConfig):
     device = resolve_device(config.device)
     if config.weights == "int4" and device.type != "cpu":
         raise InvalidArgument(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
+    if tensor_parallel > 1:
+        return _load_sharded(config, checkpoint, device, tensor_parallel, oversubscribe, vocab_parallel)
     model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model))
+
+
+def _load_sharded(config: EngineConfig, checkpoint: Path, device: torch.device, world: int, oversubscribe: bool,
+                  vocab_parallel: bool):
+    from transformers import AutoTokenizer
+
+    from sinkserve.engine import shards
+    from sinkserve.engine.engine import Engine
+
+    if config.weights != "dense":
+        raise InvalidArgument("tensor_parallel > 1 runs dense weights; weights=int4 needs tensor_parallel 1")
+    model, hf_config, launcher = shards.load_sharded_model(checkpoint, world, config.dtype, device,
+                                                           config.num_threads, oversubscribe, vocab_parallel)
+
+    def make_runner(model, geometry, policy, max_chunk):
+        return shards.ShardedRunner(model, geometry, policy, max_chunk, world, launcher)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint),
+                      model_name=str(config.model), make_runner=make_runner)
+    except BaseException:
+        shards.stop_all(launcher)
+        raise
