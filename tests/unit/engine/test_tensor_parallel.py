@@ -205,3 +205,18 @@ def test_cli_refuses_a_split_that_does_not_work():
     assert "tensor_parallel 2 does not split this model (9 attention heads, 3 KV heads" in result.output
     assert "sizes that do: 1, 3" in result.output
     assert nothing_left_running()
+
+
+def test_replicated_embedding_and_head_equal_tp1(tiny_llama):
+    # The alternative the benchmark compares (every rank holds the whole table, rank 0 runs the head).
+    config = EngineConfig(model=str(tiny_llama), sinks=4, window=16, slots=1, device="cpu", num_threads=1)
+    ids = random_ids(40, seed=9)
+    reference = load_engine(config).stream_logits(ids, chunk=8)
+    engine = load_engine(config, tensor_parallel=2, vocab_parallel=False)
+    try:
+        assert float((engine.stream_logits(ids, chunk=8) - reference).abs().max()) < 1e-4
+        stats = engine.runner.shard_stats()
+        assert stats[0]["parameter_bytes"] == stats[1]["parameter_bytes"]  # the table on both
+    finally:
+        engine.close()
+    assert nothing_left_running()
