@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 import socket
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,11 +45,14 @@ from sinkserve.engine.kv_cache import KVSlab, SlabGeometry
 from sinkserve.engine.models import family_for, gpt_neox, llama
 from sinkserve.engine.runner import ModelRunner
 from sinkserve.engine.step_inputs import RowInput
-from sinkserve.errors import InvalidArgument, SinkServeError, UnsupportedModel
+from sinkserve.errors import InvalidArgument, ShardLost, SinkServeError, UnsupportedModel
 
 SHARDABLE = {llama: "Llama", gpt_neox: "GPT-NeoX"}
-# How long a rank waits for the others at rendezvous and in each collective before it gives up.
-GROUP_TIMEOUT = timedelta(seconds=120)
+# How long a rank waits for the others at rendezvous.
+RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
+# How long a collective may wait: the other ranks wait in one for rank 0's next command however long the engine
+# idles, so no short limit; a rank that dies closes its connections and the others' collectives fail at once.
+COLLECTIVE_TIMEOUT = timedelta(days=365)
 
 
 # ---------------------------------------------------------------- the split
@@ -370,6 +373,21 @@ class _ScratchSlab(KVSlab):
         super().reset(slot)
 
 
+@contextmanager
+def _shards_alive(runner: "ShardedRunner"):
+    """A collective that fails (a shard died: gloo sees its connection close) becomes ShardLost, and every later
+    call refuses at once: the group cannot be used again."""
+    if runner.lost is not None:
+        raise ShardLost(runner.lost)
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as err:
+        if isinstance(err, SinkServeError):
+            raise
+        runner.lost = f"a tensor-parallel shard is gone ({str(err).splitlines()[0][:200]})"
+        raise ShardLost(runner.lost) from err
+
+
 class ShardedRunner(ModelRunner):
     """Rank 0's runner: the same calls as ModelRunner, each sent to the other ranks before it runs here."""
 
@@ -377,6 +395,7 @@ class ShardedRunner(ModelRunner):
                  launcher=None):
         super().__init__(model, geometry, policy, max_chunk)
         self.world, self.launcher = world, launcher  # launcher: what close() stops (LocalShards or Ray's)
+        self.lost: str | None = None  # why the group is unusable, once a shard died
         self.full_args = model.full_args
         _send(("init", dataclasses.astuple(geometry), policy, max_chunk))
 
@@ -395,46 +414,56 @@ class ShardedRunner(ModelRunner):
         return self.world * self.shard_bytes_per_slot
 
     def reset_slot(self, slot: int) -> None:
-        _send(("reset", slot, None))
+        with _shards_alive(self):
+            _send(("reset", slot, None))
         super().reset_slot(slot)
 
     def export_slot(self, slot: int) -> dict[str, torch.Tensor]:
-        _send(("export", slot))
         parts = [None] * self.world
-        dist.gather_object(super().export_slot(slot), parts, dst=0)
+        with _shards_alive(self):
+            _send(("export", slot))
+            dist.gather_object(super().export_slot(slot), parts, dst=0)
         return {f"shard{rank}.{name}": t for rank, part in enumerate(parts) for name, t in part.items()}
 
     def import_slot(self, slot: int, state: dict[str, torch.Tensor]) -> None:
-        _send(("import", slot))
+        with _shards_alive(self):
+            _send(("import", slot))
         parts = [{} for _ in range(self.world)]
         for key, tensor in state.items():
             rank, name = key.split(".", 1)
             parts[int(rank.removeprefix("shard"))][name] = tensor
         mine = [None]
-        dist.scatter_object_list(mine, parts, src=0)
+        with _shards_alive(self):
+            dist.scatter_object_list(mine, parts, src=0)
         super().import_slot(slot, mine[0])
 
     def scratch_slab(self, slots: int) -> KVSlab:
-        _send(("scratch", slots))
+        with _shards_alive(self):
+            _send(("scratch", slots))
         g = self.geometry
         return _ScratchSlab(SlabGeometry(g.n_layers, g.n_kv_heads, g.head_dim, g.sinks, g.window, slots), self.dtype,
                             self.device)
 
     def forward(self, rows: list[RowInput], slab: KVSlab | None = None) -> list[torch.Tensor | None]:
         scratch = slab is not None and slab is not self.slab
-        _send(("forward", [(r.slot, list(r.ids), r.logits) for r in rows], "scratch" if scratch else None))
-        return super().forward(rows, slab)
+        with _shards_alive(self):
+            _send(("forward", [(r.slot, list(r.ids), r.logits) for r in rows], "scratch" if scratch else None))
+            return super().forward(rows, slab)
 
     def shard_stats(self) -> list[dict[str, int]]:
         """Per rank: bytes of its parameters and of its KV slab (what each shard's memory holds)."""
-        _send(("stats",))
         stats = [None] * self.world
-        dist.gather_object(_stats(self), stats, dst=0)
+        with _shards_alive(self):
+            _send(("stats",))
+            dist.gather_object(_stats(self), stats, dst=0)
         return stats
 
     def close(self) -> None:
         try:
-            _send(("stop",))
+            if self.lost is None:
+                _send(("stop",))
+        except RuntimeError:
+            pass  # a shard died since the last call: the launcher ends the rest
         finally:
             if self.launcher is not None:
                 self.launcher.close()
@@ -497,8 +526,8 @@ def join_group(rank: int, world: int, host: str, port: int, device: torch.device
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
-                            timeout=GROUP_TIMEOUT)
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=RENDEZVOUS_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
 
 def startup_check(error: str | None) -> None:

@@ -220,3 +220,27 @@ def test_replicated_embedding_and_head_equal_tp1(tiny_llama):
     finally:
         engine.close()
     assert nothing_left_running()
+
+
+def test_a_dead_shard_makes_every_call_unavailable_and_close_ends_the_rest(tiny_llama):
+    import os
+    import signal
+
+    from sinkserve.errors import ShardLost, Unavailable
+
+    config = EngineConfig(model=str(tiny_llama), sinks=4, window=16, slots=1, device="cpu", num_threads=1)
+    engine = load_engine(config, tensor_parallel=2)
+    try:
+        sid = engine.open_session()
+        engine.add_message(sid, "hello", GenerationParams(max_tokens=4, temperature=0.0))
+        engine.step()
+        os.kill(engine.runner.launcher.pids[0], signal.SIGKILL)
+        engine.runner.launcher.processes[0].join(timeout=30)
+        with pytest.raises(ShardLost, match="shard is gone") as lost:
+            engine.step()
+        assert isinstance(lost.value, Unavailable)  # the gateway's UNAVAILABLE
+        with pytest.raises(ShardLost):
+            engine.runner.reset_slot(0)  # refused at once, no collective tried
+    finally:
+        engine.close()
+    assert nothing_left_running()
