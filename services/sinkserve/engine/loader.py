@@ -41,7 +41,7 @@ def eos_ids(hf_config: dict, tokenizer, checkpoint: Path | None = None) -> froze
 
 
 def load_engine(config: EngineConfig, tensor_parallel: int = 1, oversubscribe: bool = False,
-                vocab_parallel: bool = True):
+                vocab_parallel: bool = True, launcher=None):
     """Load the model and tokenizer named by `config` and build an engine around them. With tensor_parallel N > 1
     the model is split over N local shards (engine/shards.py): this process is rank 0 and runs the engine, the
     others are spawned processes that `engine.close()` stops; `oversubscribe` lets N exceed the CPUs here."""
@@ -57,14 +57,14 @@ def load_engine(config: EngineConfig, tensor_parallel: int = 1, oversubscribe: b
     if config.weights == "int4" and device.type != "cpu":
         raise InvalidArgument(f"weights=int4 runs torch's packed CPU kernel; device {device} needs weights=dense")
     if tensor_parallel > 1:
-        return _load_sharded(config, checkpoint, device, tensor_parallel, oversubscribe, vocab_parallel)
+        return _load_sharded(config, checkpoint, device, tensor_parallel, oversubscribe, vocab_parallel, launcher)
     model, hf_config = load_model(checkpoint, DTYPES[config.dtype], device, config.weights, config.packed_max_rows)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model))
 
 
 def _load_sharded(config: EngineConfig, checkpoint: Path, device: torch.device, world: int, oversubscribe: bool,
-                  vocab_parallel: bool):
+                  vocab_parallel: bool, launcher=None):
     from transformers import AutoTokenizer
 
     from sinkserve.engine import shards
@@ -73,7 +73,8 @@ def _load_sharded(config: EngineConfig, checkpoint: Path, device: torch.device, 
     if config.weights != "dense":
         raise InvalidArgument("tensor_parallel > 1 runs dense weights; weights=int4 needs tensor_parallel 1")
     model, hf_config, launcher = shards.load_sharded_model(checkpoint, world, config.dtype, device,
-                                                           config.num_threads, oversubscribe, vocab_parallel)
+                                                           config.num_threads, oversubscribe, vocab_parallel,
+                                                           launcher)
 
     def make_runner(model, geometry, policy, max_chunk):
         return shards.ShardedRunner(model, geometry, policy, max_chunk, world, launcher)

@@ -632,7 +632,8 @@ def stop_all(launcher) -> None:
 
 
 def load_sharded_model(checkpoint: Path, world: int, dtype_name: str, device: torch.device,
-                       num_threads: int | None, oversubscribe: bool = False, vocab_parallel: bool = True):
+                       num_threads: int | None, oversubscribe: bool = False, vocab_parallel: bool = True,
+                       launcher=None):
     """Start N local shards of `checkpoint` (checked before anything starts); returns (rank 0's model,
     hf_config, launcher). Any failure leaves no process running."""
     from sinkserve.engine.loader import DTYPES
@@ -642,7 +643,8 @@ def load_sharded_model(checkpoint: Path, world: int, dtype_name: str, device: to
     check_split(family.ModelArgs.from_hf(hf_config), world)
     check_resources(world, device, oversubscribe)
     torch.set_num_threads(shard_threads(world, num_threads))
-    shards = LocalShards(world, checkpoint, dtype_name, device, num_threads, vocab_parallel)
+    # launcher(world, checkpoint, dtype, device, num_threads, vocab_parallel): LocalShards, or the replica's Ray one
+    shards = (launcher or LocalShards)(world, checkpoint, dtype_name, device, num_threads, vocab_parallel)
     try:
         error, model = None, None
         try:
