@@ -146,6 +146,30 @@ def _quality(q: dict, imgs: dict) -> list[str]:
     return lines
 
 
+def _tensor_parallel(tp: dict | None) -> list[str]:
+    if not tp:
+        return []
+    sessions = tp["sessions"]
+    lines = [
+        "## Tensor parallelism on this CPU", "",
+        f"{tp['model']} ({tp['dtype']}; the bundled SmolLM2 splits only in 3 shards), one shard per process "
+        "joined by gloo on 127.0.0.1, each with cpus / N threads. Decode: one session at cache "
+        f"{tp['cache']}, {tp['steps']} greedy steps; then {sessions} sessions decoding together. On two cores "
+        "TP=2 is slower than TP=1, as expected: the shards split the same cores and every step adds two "
+        "all-reduces per layer, the embedding's all-reduce, the logits' gather, the broadcast of the step's rows "
+        "and a second Python dispatch. This measures that overhead, not what shards on GPUs give.", "",
+        f"| variant | decode ms/token | tok/s, {sessions} sessions | parameters per shard (MiB) |",
+        "|---|---:|---:|---|",
+    ]
+    for row in tp["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['variant']} | skipped: {row['skipped']} | | |")
+            continue
+        lines.append(f"| {row['variant']} | {row['decode_ms_per_token']:.1f} | "
+                     f"{row[f'tok_s_{sessions}_sessions']:.1f} | {', '.join(map(str, row['parameter_mib_per_shard']))} |")
+    return lines + [""]
+
+
 def _speed(results: dict, imgs: dict) -> list[str]:
     lines = ["## Speed and memory", ""]
     lat = results.get("latency")
@@ -338,6 +362,7 @@ def write_markdown(results: dict, imgs: dict, path: Path) -> None:
         lines += _quality(results["quality"], imgs)
     lines += _speed(results, imgs)
     lines += _profiles(results.get("profiles", {}))
+    lines += _tensor_parallel(results.get("tensor_parallel"))
     lines += _closing(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

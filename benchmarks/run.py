@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, Plan, load_average, load_text, log, machine_description
 
-SECTIONS = ("bandwidth", "quality", "latency", "constant", "throughput", "profiles")
+SECTIONS = ("bandwidth", "quality", "latency", "constant", "throughput", "profiles", "tensor_parallel")
 
 
 class ContentionMonitor:
@@ -373,6 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         const["model"] = speed.constant_cost(model, text, plan, plan.constant_model_tokens,
                                                plan.constant_probe_tokens, model_label)
         imgs["constant_model"] = plots.plot_constant_cost(const["model"], img_dir / "constant_cost_model.png")
+        flush()
+
+    if "tensor_parallel" in sections:
+        mark("tensor_parallel")
+        from benchmarks import tensor_parallel
+
+        log("tensor parallelism: TP=1 and TP=2 on this CPU")
+        with tempfile.TemporaryDirectory(prefix="sinkserve-tp-") as tmp:
+            steps = 4 if args.smoke else 16 if args.quick else 32
+            shape = dict(layers=2, hidden=64) if args.smoke else {}
+            results["tensor_parallel"] = tensor_parallel.measure(tensor_parallel.tp2_checkpoint(tmp, **shape), steps=steps,
+                                                                 sessions=8 if args.smoke else 64)
         flush()
 
     mark("end")

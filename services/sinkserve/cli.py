@@ -33,12 +33,13 @@ app.add_typer(model_app, name="model")
 
 # The engine settings of the one-session commands (generate, ppl), as flags derived from EngineConfig. `up` takes
 # every engine field; these leave out what a single session has no use for (slots, parking) and the default
-# sampling seed (generate has its own --seed).
+# sampling seed (generate has its own --seed). --tensor-parallel is the replica's shard count, run here as local
+# processes.
 MODEL_FLAGS = ConfigFlags.of(
     "engine",
     ("model", "dtype", "weights", "packed_max_rows", "device", "policy", "sinks", "window", "prefill_chunk",
      "max_context", "num_threads"),
-)
+) + ConfigFlags.of("replica", (("tensor_parallel", "--tensor-parallel"),))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -46,27 +47,35 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def engine_config(flags: GivenFlags, **fixed) -> EngineConfig:
-    """The engine config of a one-session command: defaults, then SINKSERVE_ENGINE__* env, then the flags the
-    user gave, then what the command itself fixes (`fixed`). Exits 2 naming the flag when a value is refused."""
+def model_settings(flags: GivenFlags, **fixed):
+    """The settings of a one-session command: defaults, then SINKSERVE_* env, then the flags the user gave, then
+    what the command itself fixes in the engine section (`fixed`). Exits 2 naming the flag when a value is
+    refused."""
     from sinkserve.config import Settings
 
     try:
-        return flags.build(lambda: Settings(engine={**flags.section("engine"), **fixed})).engine
+        return flags.build(lambda: Settings(engine={**flags.section("engine"), **fixed},
+                                            replica=flags.section("replica")))
     except ConfigError as err:
         _fail(str(err))
         raise  # unreachable
 
 
-def load_engine_showing_progress(cfg: EngineConfig):
+def engine_config(flags: GivenFlags, **fixed) -> EngineConfig:
+    return model_settings(flags, **fixed).engine
+
+
+def load_engine_showing_progress(settings: Settings):
     """load_engine showing its progress on stderr (imports, checkpoint, weights, tokenizer: 15-40 s on two CPU
     cores): a bar on a terminal, a line per stage otherwise. A model that is not there or does not load is a
-    clear error, not a traceback."""
+    clear error, not a traceback. The engine runs on replica.tensor_parallel local shards (rank 0 is this
+    process)."""
     import contextlib
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    cfg, replica = settings.engine, settings.replica
     name = Path(cfg.model).name or cfg.model
     console = Console(stderr=True)
     stages = ["importing torch and transformers"]
@@ -91,7 +100,8 @@ def load_engine_showing_progress(cfg: EngineConfig):
 
         stages += LOAD_STAGES
         try:
-            return load_engine(cfg, on_stage=on_stage)
+            return load_engine(cfg, on_stage=on_stage, tensor_parallel=replica.tensor_parallel,
+                               oversubscribe=replica.tensor_parallel_oversubscribe)
         except ModelNotFoundError as err:
             problem = str(err)
         except SinkServeError as err:
@@ -131,7 +141,7 @@ def generate(
     flags: GivenFlags,
 ) -> None:
     """Stream a reply to one message to the terminal."""
-    cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
+    settings = model_settings(flags, slots=1)  # refused flags exit before anything heavy is imported
     given = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
     try:
@@ -139,7 +149,7 @@ def generate(
     except InvalidArgument as err:  # GenerationParams names the setting: name the flag
         setting = next((k for k in given if err.message.startswith(k)), None)
         _fail(f"--{setting.replace('_', '-')}: {err.message}" if setting else err.message)
-    engine = load_engine_showing_progress(cfg)
+    engine = load_engine_showing_progress(settings)
     try:
         sid = engine.open_session(system_prompt=system)
         final = None
@@ -154,6 +164,9 @@ def generate(
             )
     except SinkServeError as err:
         _fail(err.message)
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 @app.command()
@@ -170,16 +183,19 @@ def ppl(
 
     Tokens are fed --prefill-chunk at a time; every token still sees exactly the cache state before it.
     """
-    cfg = engine_config(flags, slots=1)  # refused flags exit before anything heavy is imported
-    chunk = cfg.prefill_chunk
+    settings = model_settings(flags, slots=1)  # refused flags exit before anything heavy is imported
+    chunk = settings.engine.prefill_chunk
     content = text.read_text(encoding="utf-8", errors="replace")
-    engine = load_engine_showing_progress(cfg)
+    engine = load_engine_showing_progress(settings)
     from sinkserve.engine.eval import evaluate_ppl
 
     try:
         result = evaluate_ppl(engine, content, max_tokens=tokens, chunk=chunk, progress=progress)
     except SinkServeError as err:
         _fail(err.message)
+    finally:
+        if engine is not None:
+            engine.close()
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
     else:

@@ -126,7 +126,14 @@ class ReplicaConfig(_Section):
     autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(1, ge=0, description="CPUs Ray reserves per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (per shard with tensor_parallel > 1)")
-    tensor_parallel: int = Field(1, ge=1, description="model shards per replica (placement-group bundles)")
+    tensor_parallel: int = Field(
+        1, ge=1, description="model shards per replica (tensor parallelism: one placement-group bundle, process and "
+        "GPU or CPU each; generate and ppl run them as local processes)"
+    )
+    tensor_parallel_oversubscribe: bool = Field(
+        False, description="allow more CPU shards than the CPUs this process may run on (shards then share cores: "
+        "for tests and trials, never faster)"
+    )
     max_ongoing_requests: int = Field(256, ge=1)
     load_report_interval_s: float = Field(1.0, gt=0)
     health_check_period_s: float = Field(10, gt=0)

@@ -117,6 +117,10 @@ class SessionBusy(Aborted):
 
 
 # ---------------------------------------------------------------------------------------------- store
+class ShardLost(Unavailable):
+    """A tensor-parallel shard of the engine went away: the engine cannot run until it is rebuilt."""
+
+
 class StoreUnavailable(Unavailable):
     """The session store (Redis) did not answer."""
 

@@ -31,8 +31,9 @@ def test_writes_markdown_json_and_plots(smoke_run):
     data = json.loads((smoke_run / "benchmarks.json").read_text())
     for heading in ("## Machine and run", "## Targets", "### Cache policies", "### Number of attention sinks",
                     "### Per-token decode latency", "### Constant cost", "### Batched throughput", "## Profiles",
-                    "## Closing note"):
+                    "## Tensor parallelism on this CPU", "## Closing note"):
         assert heading in report
+    assert [row["tensor_parallel"] for row in data["tensor_parallel"]["rows"]] == [1, 2, 2]
     assert "python -m benchmarks.run --smoke" in report  # the exact command that made it
     pngs = sorted(p.name for p in (smoke_run / "img").glob("*.png"))
     assert pngs == sorted(["ppl_policies_sinks.png", "ppl_long_stream.png", "latency_vs_cache.png",

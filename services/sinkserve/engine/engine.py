@@ -30,7 +30,7 @@ from sinkserve.protocol import GenerationParams, SessionView
 
 class Engine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, tokenizer, eos_ids: frozenset[int],
-                 model_name: str, paths: ExecutionPaths | None = None):
+                 model_name: str, paths: ExecutionPaths | None = None, make_runner=ModelRunner):
         self.config, self.tokenizer, self.model_name, self.eos_ids = config, tokenizer, model_name, eos_ids
         self.paths = paths  # the dtype/weights/kernels chosen at load (engine/capability.py); None: built by hand
         args = model.args
@@ -45,7 +45,8 @@ class Engine:
         self.sinks, self.window = sinks, window
         self.max_chunk = sinks + window if config.policy == "recompute" else min(config.prefill_chunk, window)
         geometry = SlabGeometry(args.n_layers, args.n_kv_heads, args.head_dim, sinks, window, config.slots)
-        self.runner = ModelRunner(model, geometry, config.policy, self.max_chunk)
+        # make_runner(model, geometry, policy, max_chunk): ModelRunner, or a sharded runner (engine/shards.py)
+        self.runner = make_runner(model, geometry, config.policy, self.max_chunk)
         self.residency = Residency(config.slots, config.park_host_bytes)
         self.scheduler = Scheduler(config.max_step_tokens, self.max_chunk, whole_messages=self.policy == "recompute",
                                    decode_stretch=config.decode_stretch, min_prefill_tokens=config.min_prefill_tokens)
@@ -53,6 +54,10 @@ class Engine:
         self.chat_format = ChatFormat(tokenizer)
         self.steps_run = 0
         self.last_step: StepStats | None = None  # what the latest step ran and where its time went
+
+    def close(self) -> None:
+        """Stop what the engine started (a sharded runner's other ranks); the engine is unusable after."""
+        self.runner.close()
 
     # ------------------------------------------------------------------ geometry
     @property

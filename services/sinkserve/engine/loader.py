@@ -50,9 +50,12 @@ LOAD_STAGES = ("finding the checkpoint", "reading the weights", "building the mo
                "loading the tokenizer", "allocating the KV slab")
 
 
-def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = None):
+def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = None, tensor_parallel: int = 1,
+                oversubscribe: bool = False, vocab_parallel: bool = True, launcher=None):
     """Load the model and tokenizer named by `config` and build an engine around them. `on_stage` is told each
-    of LOAD_STAGES as it begins (a CLI shows progress with it)."""
+    of LOAD_STAGES as it begins (a CLI shows progress with it). With tensor_parallel N > 1 the model is split over
+    N local shards (engine/shards.py): this process is rank 0 and runs the engine, the others are spawned
+    processes that `engine.close()` stops; `oversubscribe` lets N exceed the CPUs here."""
     from transformers import AutoTokenizer
 
     from sinkserve.engine.engine import Engine
@@ -61,13 +64,18 @@ def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = N
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stage(LOAD_STAGES[0])
     device = resolve_device(config.device)
-    paths = choose_paths(config.dtype, config.weights, config.packed_max_rows, device, threads=config.num_threads)
+    # Shards run dense weights (the low-bit kernels are not split): auto means dense there.
+    weights = "dense" if tensor_parallel > 1 and config.weights == "auto" else config.weights
+    paths = choose_paths(config.dtype, weights, config.packed_max_rows, device, threads=config.num_threads)
     if device.type == "cpu":
         torch.set_num_threads(paths.threads)
     log.info("%s", paths.line())
     config = config.model_copy(update={"dtype": paths.dtype, "weights": paths.weights,
                                        "packed_max_rows": paths.packed_max_rows})
     checkpoint = resolve_checkpoint(config.model)
+    if tensor_parallel > 1:
+        return _load_sharded(config, checkpoint, device, tensor_parallel, oversubscribe, vocab_parallel, launcher,
+                             paths)
     model, hf_config = load_model(checkpoint, DTYPES[paths.dtype], device, paths.weights, paths.packed_max_rows,
                                   on_stage=stage)
     stage(LOAD_STAGES[4])
@@ -75,3 +83,29 @@ def load_engine(config: EngineConfig, on_stage: Callable[[str], None] | None = N
     stage(LOAD_STAGES[5])
     return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint), model_name=str(config.model),
                   paths=paths)
+
+
+def _load_sharded(config: EngineConfig, checkpoint: Path, device: torch.device, world: int, oversubscribe: bool,
+                  vocab_parallel: bool, launcher=None, paths=None):
+    from transformers import AutoTokenizer
+
+    from sinkserve.engine import shards
+    from sinkserve.engine.engine import Engine
+
+    if config.weights != "dense":
+        raise InvalidArgument(f"tensor_parallel > 1 runs dense weights; weights={config.weights} needs "
+                              "tensor_parallel 1")
+    model, hf_config, launcher = shards.load_sharded_model(checkpoint, world, config.dtype, device,
+                                                           paths.threads if paths else config.num_threads,
+                                                           oversubscribe, vocab_parallel, launcher)
+
+    def make_runner(model, geometry, policy, max_chunk):
+        return shards.ShardedRunner(model, geometry, policy, max_chunk, world, launcher)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        return Engine(config, model, tokenizer, eos_ids(hf_config, tokenizer, checkpoint),
+                      model_name=str(config.model), paths=paths, make_runner=make_runner)
+    except BaseException:
+        shards.stop_all(launcher)
+        raise

@@ -68,6 +68,9 @@ class ModelRunner:
         return KVSlab(SlabGeometry(g.n_layers, g.n_kv_heads, g.head_dim, g.sinks, g.window, slots), self.dtype,
                       self.device)
 
+    def close(self) -> None:
+        """Release what the runner started (a sharded runner's other ranks); nothing for one process."""
+
     # ---- sampling settings
     def set_sampling(self, slot: int, params: GenerationParams, seed: int) -> None:
         self._temperature[slot] = params.temperature
@@ -128,7 +131,7 @@ class ModelRunner:
         held = self.slab.ordered_tokens(slot) + list(new_ids)
         if len(held) > g.capacity:
             held = held[: g.sinks] + held[len(held) - g.window :]
-        self.slab.reset(slot)
+        self.reset_slot(slot)
         return held
 
     def _maybe_rebase(self, slab: KVSlab, slots: torch.Tensor, n_seen: torch.Tensor, lengths: torch.Tensor) -> None:

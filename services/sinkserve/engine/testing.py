@@ -10,10 +10,11 @@ from sinkserve.engine.weights import prepare_bundled_model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def make_tiny_checkpoint(directory: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_checkpoint(directory: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0,
+                         heads: int = 4, kv_heads: int = 2) -> Path:
     """Write a random-weight HF checkpoint (config.json + model.safetensors) with the bundled model's
-    tokenizer and chat template. arch: 'llama' (GQA, tied embeddings) or 'gpt_neox' (partial rotary,
-    parallel residual). Idempotent for the same directory."""
+    tokenizer and chat template. arch: 'llama' (GQA, tied embeddings; `heads` query and `kv_heads` KV heads) or
+    'gpt_neox' (`heads` heads, partial rotary, parallel residual). Idempotent for the same directory."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -26,14 +27,14 @@ def make_tiny_checkpoint(directory: str | Path, arch: str = "llama", layers: int
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rope_theta=10000.0,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192, rope_theta=10000.0,
             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
         )
         model = LlamaForCausalLM(config)
     elif arch == "gpt_neox":
         config = GPTNeoXConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True,
+            num_attention_heads=heads, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True,
             bos_token_id=1, eos_token_id=2,
         )
         model = GPTNeoXForCausalLM(config)

@@ -42,15 +42,30 @@ def _replica_id() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
+def _load_engine(settings: Settings):
+    """The replica's engine; with replica.tensor_parallel N > 1 its model is split over N shards: this process is
+    rank 0, the others Ray actors in the replica's placement group (replica/shards.py)."""
+    import functools
+
+    from sinkserve.engine import load_engine
+
+    rc = settings.replica
+    if rc.tensor_parallel == 1:
+        return load_engine(settings.engine)
+    from sinkserve.replica.shards import RayShards
+
+    launcher = functools.partial(RayShards, num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
+    return load_engine(settings.engine, tensor_parallel=rc.tensor_parallel,
+                       oversubscribe=rc.tensor_parallel_oversubscribe, launcher=launcher)
+
+
 class SinkServeReplica:
     async def __init__(self, settings: dict | Settings | None = None, engine: Any = None, store: Store | None = None,
                        replica_id: str | None = None):
         self.settings = settings if isinstance(settings, Settings) else Settings.model_validate(settings or {})
         self.replica_id = replica_id or _replica_id()
         if engine is None:
-            from sinkserve.engine import load_engine
-
-            engine = await asyncio.to_thread(load_engine, self.settings.engine)
+            engine = await asyncio.to_thread(_load_engine, self.settings)
         self.engine = engine
         self.loop = EngineLoop(engine).start()
         self.store = store or Store.from_config(self.settings.redis)
@@ -70,6 +85,11 @@ class SinkServeReplica:
 
     # ------------------------------------------------------------------ Serve hooks
     async def check_health(self) -> None:
+        runner = getattr(self.engine, "runner", None)
+        shards = getattr(runner, "launcher", None)
+        lost = getattr(runner, "lost", None) or (shards.dead() if hasattr(shards, "dead") else None)
+        if lost:
+            raise RuntimeError(lost)  # Serve replaces the replica; its sessions are rebuilt from their transcripts
         if not self.loop.alive:
             raise RuntimeError(f"engine loop is dead: {self.loop.error!r}")
         if self.heartbeat.failed is not None:

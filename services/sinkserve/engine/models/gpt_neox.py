@@ -72,8 +72,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, args.n_heads, args.head_dim
-        self.query_key_value = nn.Linear(args.dim, 3 * args.dim, bias=args.attention_bias)
-        self.dense = nn.Linear(args.dim, args.dim, bias=args.attention_bias)
+        inner = args.n_heads * args.head_dim  # = dim, or a tensor-parallel shard's heads
+        self.query_key_value = nn.Linear(args.dim, 3 * inner, bias=args.attention_bias)
+        self.dense = nn.Linear(inner, args.dim, bias=args.attention_bias)
 
     def forward(self, x: torch.Tensor, slab: KVSlab, batch: StepBatch) -> torch.Tensor:
         n = x.shape[0]
