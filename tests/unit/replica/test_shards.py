@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def local_ray():
+    if ray.is_initialized():  # a session-scoped local stack's cluster (tests/integration) is up: use it
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
@@ -30,7 +33,8 @@ def test_ray_shards_equal_one_process_and_a_killed_shard_is_seen(local_ray, tiny
     torch.set_num_threads(1)
     group = placement_group([{"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_PACK")
     ray.get(group.ready(), timeout=120)
-    config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", sinks=4, window=16, slots=1, device="cpu", num_threads=1)
+    config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", sinks=4, window=16, slots=1, device="cpu",
+                          num_threads=1)
     ids = list(range(100, 140))
     reference = load_engine(config).stream_logits(ids, chunk=8)
     launcher = functools.partial(RayShards, num_cpus=0.5, placement_group=group)
