@@ -249,7 +249,7 @@ def test_vendored_crd_schema_is_in_the_tree():
         ("tests/kit.py", "from pathlib import Path\nX = Path(__file__).parent.parent.parent\n"),
         ("tests/kit.py", "import os\nX = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))\n"),
         ("tests/kit.py", "from pathlib import Path\nX = Path(__file__).parent / '..' / '..' / 'shared'\n"),
-        ("tests/kit.py", "from pathlib import Path\nX = Path('../shared/x.yaml')\n"),
+        ("tests/kit.py", "from pathlib import Path\nX = Path('../outside/x.yaml')\n"),
         ("tests/kit.py", "import os\nX = os.path.join('data', '../../x')\n"),
     ],
 )
@@ -272,5 +272,5 @@ def test_the_scan_allows_paths_inside(rel, source):
 
 def test_the_scan_checks_markdown_links():
     assert markdown_escapes("helm/sinkserve/README.md", "see [deploy](../../deploy/README.md)") == []
-    assert markdown_escapes("helm/sinkserve/README.md", "see [x](../../../shared/x.md)")
+    assert markdown_escapes("helm/sinkserve/README.md", "see [x](../../../outside/x.md)")
     assert markdown_escapes("README.md", "[site](https://example.com/../x) [a](#anchor)") == []
