@@ -115,9 +115,10 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_kernel_available() -> bool:
     """fbgemm (the 'x86' or 'fbgemm' quantized engine) is built in and this CPU runs it (it needs AVX2)."""
+    from sinkserve.engine.capability import CpuFeatures
+
     engines = torch.backends.quantized.supported_engines
-    return ("fbgemm" in engines or "x86" in engines) and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512")
+    return ("fbgemm" in engines or "x86" in engines) and CpuFeatures.detect().avx2
 
 
 class Int8Linear(nn.Module):
