@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup venv deps model browser run test test-fast bench bench-quick loadtest proto clean
+.PHONY: setup venv deps model browser run test test-fast bench bench-quick bench-peers peers-setup loadtest proto clean
 
 setup: $(VENV)/.stamp-deps model browser
 
@@ -54,6 +54,13 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
+
+# llama.cpp and vLLM's CPU build, each in its own virtualenv under .peers/ (not part of `make test`)
+peers-setup:
+	PYTHON=$(PYTHON) bash benchmarks/peers/setup.sh
+
+bench-peers: setup peers-setup
+	$(PY) -m benchmarks.peers.run
 
 loadtest: setup
 	$(PY) -m loadtest.run
