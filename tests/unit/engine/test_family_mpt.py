@@ -200,6 +200,21 @@ def test_sinkless_policies(checkpoints):
         assert (dense - dense_ref).abs().max() <= 1e-4, chunk
 
 
+@torch.no_grad()
+def test_recompute_is_a_fresh_hf_forward_over_the_held_tokens(checkpoints):
+    """Sliding window with re-computation, with and without sinks: the score of token t is HF's forward over
+    the held tokens, which sit at positions 0..n-1 (so the ALiBi of a fresh encoding is the cache's)."""
+    ids = random_ids(90, seed=6)
+    hf = hf_model(checkpoints["mpt"])
+    for sinks, window in ((4, 24), (0, 24)):
+        recompute = engine_for(checkpoints["mpt"], policy="recompute", sinks=sinks, window=window, slots=1).score(
+            ids).nll
+        for t in (40, 77):
+            context = ids[:sinks] + ids[t + 1 - window : t + 1]
+            fresh = -torch.log_softmax(hf(torch.tensor([context])).logits[0, -1], -1)[ids[t + 1]].item()
+            assert recompute[t] == pytest.approx(fresh, abs=1e-4), (sinks, t)
+
+
 def _turn(engine, sid, text, **params):
     return [o.token_id for o in engine.chat(sid, text, GenerationParams(**params))]
 
