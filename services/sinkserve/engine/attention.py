@@ -15,6 +15,11 @@ itself included, in one product per layer: both rotations of the query against s
 read from the cache-frame rows and the ring columns from the window-frame rows. Only the entries written so
 far are read, and the softmax scale is folded into the query's rotation tables. Reading the slot as one
 contiguous block is what keeps the slab from being copied per layer.
+
+ALiBi families (no rotary) store keys as they are, so both frames coincide and decode takes one product. The
+step carries, per query and key column, the distance between their cache positions (step_inputs.py); each
+layer adds -slope_h * distance to the scores, the slopes from `batch.alibi_slopes` (one per query head). The
+sink-less fused-kernel shortcuts are skipped then (the bias is not a boolean mask).
 """
 
 from __future__ import annotations
@@ -31,20 +36,20 @@ def sink_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab."""
-    decode = batch.decode
+    decode, slopes = batch.decode, batch.alibi_slopes
     if decode is not None and decode.rows is None:  # decode rows only: the serving hot path
-        return _decode_attention(q, k, v, slab, layer, decode)
+        return _decode_attention(q, k, v, slab, layer, decode, slopes)
     out = q.new_empty(q.shape)
     if decode is not None:
         rows = decode.rows
-        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode)
+        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode, slopes)
     tables = batch.chunk
     q_cache = apply_rope(q, tables.cos_cache, tables.sin_cache)
     q_window = apply_rope(q, tables.cos_window, tables.sin_window)
     # prefill chunks attend to their own keys in both frames
     chunk_keys = (apply_rope(k, tables.cos_cache, tables.sin_cache), apply_rope(k, tables.cos_window, tables.sin_window))
     for group in batch.groups:
-        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group)
+        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group, slopes)
     # Written after attention, so a chunk that wraps the ring never hides entries from its own earlier queries.
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
     rows = tables.rows
@@ -65,7 +70,7 @@ def _slot_block(cache: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int,
     return block if (start, stop) == (0, cache.shape[0]) else block[start:stop]
 
 
-def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> torch.Tensor:
+def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slopes=None) -> torch.Tensor:
     """One query per slot -> [B, Hq, D]. The new key is written first: it takes the entry of the key that
     leaves the window (or the next free one), so the query attends to its slot's first key_count entries."""
     batch, n_heads, head_dim = q.shape
@@ -85,6 +90,8 @@ def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows) -> to
         scores = torch.where(rows.sink_columns, scores[:, :, :per_kv], scores[:, :, per_kv:])
     if rows.mask is not None:
         scores = scores + rows.mask[:, None, None, :]
+    if rows.alibi_distance is not None:  # -slope_h * cache distance (float32, as the softmax)
+        scores = torch.addcmul(scores.float(), slopes.view(1, n_kv, per_kv, 1), rows.alibi_distance, value=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return (probs @ values).view(batch, n_heads, head_dim)
 
@@ -95,7 +102,8 @@ def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
     return padded[group.tokens]
 
 
-def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab, layer: int, group: AttnGroup):
+def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab, layer: int, group: AttnGroup,
+                     slopes=None):
     sinks = slab.geometry.sinks
     qc, qw = _rows(q_cache, group), _rows(q_window, group)  # [B, T, Hq, D]
     kc, kw, vc = _rows(k_cache, group), _rows(k_window, group), _rows(v, group)  # [B, T, Hkv, D]
@@ -118,7 +126,7 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         return
     qc, qw = heads_first(qc), heads_first(qw)
     kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
-    if not slab.geometry.sinks:
+    if group.attn_mask is not None:
         # One frame only (window, dense, recompute past its first chunk): the fused kernel with the mask,
         # so no [T x keys] score tensor is built per layer.
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
@@ -146,6 +154,9 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
     width = scores.shape[-1]
     scores = scores.view(batch, n_kv, per_kv, steps, width)
     mask = group.mask if sinks else group.mask[..., sinks + steps :]
+    if group.alibi_distance is not None:  # -slope_h * cache distance, per column of the mask
+        distance = group.alibi_distance if sinks else group.alibi_distance[..., steps:]
+        scores = torch.addcmul(scores.float(), slopes.view(1, n_kv, per_kv, 1, 1), distance, value=-1)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(vc.dtype).view(batch, n_kv, per_kv * steps, width)
 

@@ -93,6 +93,9 @@ class KVSlab:
     def rebase(self, slots: torch.Tensor, new_base: torch.Tensor, inv_freq: torch.Tensor) -> None:
         """Move the window frame of `slots` to `new_base`: rotate their ring keys by -(new_base - base)."""
         s = self.geometry.sinks
+        if not inv_freq.numel():  # no rotary (ALiBi): keys are stored as they are, only the origin moves
+            self.base[slots] = new_base
+            return
         cos, sin = rope_for_offsets(inv_freq, self.base[slots] - new_base, self.dtype)
         cos, sin = cos[:, None, None, :], rotate_half_sign(sin)[:, None, None, :]  # over [slot, head, entry]
         for layer in range(self.geometry.n_layers):

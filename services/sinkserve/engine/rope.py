@@ -74,6 +74,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, pas
     (the caller adds the heads axis); features past rot_dim (GPT-NeoX partial rotary) are multiplied by
     `pass_scale` (the softmax scale when it is folded into a query's cos/sin)."""
     rot_dim = cos.shape[-1]
+    if rot_dim == 0:  # a family without rotary (ALiBi): only the scale applies
+        return x if pass_scale == 1.0 else x * pass_scale
     if rot_dim == x.shape[-1]:
         return torch.addcmul(x * cos, x.roll(rot_dim // 2, -1), sin_signed)
     x_rot = x[..., :rot_dim]

@@ -7,6 +7,8 @@ padded to the longest).
 
 Positions live inside the cache (StreamingLLM §3.2): every token gets its text position, its cache position
 (against the sinks) and its window-frame position (against the ring); see kv_cache.py for the two frames.
+ALiBi families (no rotation: rot_dim 0, both frames equal) get, per query and key column, the distance between
+their cache positions instead; attention adds -slope_h * distance to the scores (`alibi_distance` below).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class RowInput:
 @dataclass(frozen=True)
 class RopeTables:
     """cos/sin by position, made once per engine. sin tables carry rotate-half's sign (rope.apply_rope); the
-    query tables also carry the softmax scale, so decode queries are scaled by their rotation."""
+    query tables also carry the softmax scale, so decode queries are scaled by their rotation. A family without
+    rotary (rot_dim 0) has empty tables; with ALiBi (`args.alibi_slopes`) its per-head slopes ride here."""
 
     inv_freq: torch.Tensor
     positions: int  # window-frame positions stay below this (KVSlab.rebase keeps them there)
@@ -42,6 +45,11 @@ class RopeTables:
     sin: torch.Tensor
     cos_query: torch.Tensor
     sin_query: torch.Tensor
+    alibi_slopes: torch.Tensor | None = None  # [n_heads] float32: the step carries ALiBi distances when set
+
+    @property
+    def rotary(self) -> bool:
+        return self.inv_freq.numel() > 0
 
     @classmethod
     def build(cls, args, positions: int, dtype: torch.dtype, device: torch.device) -> "RopeTables":
@@ -49,7 +57,9 @@ class RopeTables:
         cos, sin = rope_table(inv_freq, positions, dtype, device)
         sin = rotate_half_sign(sin)
         scale = args.head_dim**-0.5
-        return cls(inv_freq, positions, cos, sin, cos * scale, sin * scale)
+        slopes = getattr(args, "alibi_slopes", None)
+        slopes = None if slopes is None else slopes.to(device=device, dtype=torch.float32)
+        return cls(inv_freq, positions, cos, sin, cos * scale, sin * scale, slopes)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,9 @@ class AttnGroup:
     # Sink-less chunks over a ring: `mask` laid out for the fused kernel, [B, 1, per_kv * T, ring_used + T].
     attn_mask: torch.Tensor | None = None
     ring_used: int = 0  # ring entries [0, ring_used) can hold keys for some row (the rest were never written)
+    # ALiBi: float32 [B, 1, 1, T, sinks + T + window + T], query cache position minus key cache position per
+    # column of `mask` (masked columns hold anything)
+    alibi_distance: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class DecodeRows:
     sin_k: torch.Tensor
     write_slot: torch.Tensor  # [B]
     write_entry: torch.Tensor  # [B]
+    alibi_distance: torch.Tensor | None = None  # ALiBi: float32 [B, 1, 1, key_count] query minus key cache position
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class StepBatch:
     position: torch.Tensor  # [N] text position of every token
     write_slot: torch.Tensor  # [N]
     write_entry: torch.Tensor  # [N]
+    alibi_slopes: torch.Tensor | None = None  # [n_heads] float32 (RopeTables.alibi_slopes)
 
 
 def build_step_batch(
@@ -179,7 +194,8 @@ def build_step_batch(
         cos_store, sin_store = tables(pick(store_position))
         chunk = ChunkTables(cos_cache, sin_cache, cos_window, sin_window, chunk_rows, cos_store, sin_store,
                             pick(write_slot), pick(write_entry))
-        groups = (_group(multi, lengths, starts, slots, n_seen, slab, per_kv_heads),)
+        groups = (_group(multi, lengths, starts, slots, n_seen, slab, per_kv_heads,
+                         alibi=rope.alibi_slopes is not None),)
     return StepBatch(
         token_ids=token_ids,
         decode=decode,
@@ -192,10 +208,11 @@ def build_step_batch(
         position=position,
         write_slot=write_slot,
         write_entry=write_entry,
+        alibi_slopes=rope.alibi_slopes,
     )
 
 
-def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int) -> AttnGroup:
+def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int, alibi: bool = False) -> AttnGroup:
     device = slab.device
     sinks, window = slab.geometry.sinks, slab.geometry.window
     idx = torch.tensor(members, device=device)
@@ -222,9 +239,17 @@ def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int) -
     ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
     # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
     # is plain causal.
-    chunk_only = sinks == 0 and ring_used == 0 and steps <= window
-    attn_mask = None
-    if sinks == 0 and not chunk_only:
+    chunk_only = sinks == 0 and ring_used == 0 and steps <= window and not alibi
+    attn_mask, distance = None, None
+    if alibi:
+        # Cache positions (§3.2): a sink (or a chunk key that is one) sits at its text position, the query at its
+        # cache position; ring and chunk keys are contiguous with the query, so their distance is the text one.
+        cache_q = torch.where(t_q < sinks, t_q, sinks + (t_q - sinks).clamp(max=window - 1))[:, :, None]
+        distance = torch.cat([
+            cache_q - torch.arange(sinks, device=device), cache_q - t_q[:, None, :],
+            t_q[:, :, None] - ring_position[:, None, :], t_q[:, :, None] - t_q[:, None, :],
+        ], dim=-1).float()[:, None, None]
+    elif sinks == 0 and not chunk_only:
         # One frame only (window, dense, recompute past its first chunk): [B, T, ring_used + T] in the query
         # order of attention's heads-first layout, [B, 1, per_kv * T, keys].
         keys = torch.cat([mask[..., steps : steps + ring_used], mask[..., steps + window :]], dim=-1)
@@ -232,7 +257,7 @@ def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int) -
             len(members), 1, per_kv * steps, keys.shape[-1]
         )
     return AttnGroup(group_slots, slot_range(group_slots), tokens, valid, mask, chunk_only=chunk_only,
-                     attn_mask=attn_mask, ring_used=ring_used)
+                     attn_mask=attn_mask, ring_used=ring_used, alibi_distance=distance)
 
 
 def _decode_rows(members, starts, n_seen, cache_position, window_position, store_position,
@@ -250,7 +275,14 @@ def _decode_rows(members, starts, n_seen, cache_position, window_position, store
         empty = torch.arange(key_count, device=device)[None, :] >= filled[:, None]
         mask = torch.zeros(empty.shape, dtype=slab.dtype, device=device).masked_fill_(empty, float("-inf"))
     cache_pos, window_pos, store_pos = cache_position[rows], window_position[rows], store_position[rows]
-    if sinks:
+    distance = None
+    if rope.alibi_slopes is not None:
+        # Sink entry e sits at cache position e; ring entries were written in order, so the one `back` entries
+        # behind this token's (mod window) is `back` tokens older: its cache distance too. Empty entries are masked.
+        entry = torch.arange(key_count, device=device)
+        back = (write_entry[rows][:, None] - entry).remainder(slab.geometry.window)
+        distance = torch.where(entry < sinks, cache_pos[:, None] - entry, back).float()[:, None, None]
+    if sinks and rope.rotary:  # without rotary both frames are the same: one product
         cos_q = torch.stack([rope.cos_query[cache_pos], rope.cos_query[window_pos]], dim=1)
         sin_q = torch.stack([rope.sin_query[cache_pos], rope.sin_query[window_pos]], dim=1)
     else:
@@ -268,6 +300,7 @@ def _decode_rows(members, starts, n_seen, cache_position, window_position, store
         sin_k=rope.sin[store_pos][:, None],
         write_slot=group_slots,
         write_entry=write_entry[rows],
+        alibi_distance=distance,
     )
 
 
