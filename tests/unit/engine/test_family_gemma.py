@@ -15,6 +15,7 @@ from sinkserve.config import EngineConfig
 from sinkserve.engine import load_engine
 from sinkserve.engine.models import gemma
 from sinkserve.engine.quant import dequantize, quantize_q4_1, quantize_q8_0_split
+from sinkserve.engine.step_inputs import RowInput
 from sinkserve.engine.testing import TOKENIZER_FILES, random_ids
 from sinkserve.engine.weights import prepare_bundled_model
 from sinkserve.errors import UnsupportedModel
@@ -253,11 +254,30 @@ def test_window_policy_and_rebase_per_layer_frequencies(checkpoints):
     with torch.no_grad():
         ref = plain_reference(hf, ids, 0, 28)
     engine = engine_for(checkpoints["gemma3"], sinks=0, window=28, slots=1, policy="window", prefill_chunk=10)
-    ours = engine.stream_logits(ids, chunk=10)
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
     runner = engine.runner
+    ours = torch.cat([runner.forward([RowInput(0, ids[i : i + 10], "all")])[0] for i in range(0, len(ids), 10)])
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+    assert int(runner.slab.base[0]) > 0  # the frame moved
     assert runner.local.rope is not runner.rope  # Gemma 3: local layers have their own tables
     assert [f is runner.local.rope.inv_freq for f in runner._rebase_freq] == [True, False, True, False]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dense_and_recompute_policies(checkpoints, variant):
+    """`dense` (no eviction, no sinks) is HF's forward; `recompute` re-encodes sinks + window each token, so
+    its last logits equal HF's forward over those ids."""
+    hf = hf_model(checkpoints[variant])
+    ids = random_ids(50, seed=6)
+    ref = hf(torch.tensor([ids])).logits[0]
+    dense = engine_for(checkpoints[variant], policy="dense", max_context=64, slots=1).stream_logits(ids, chunk=16)
+    assert (dense - ref).abs().max() <= 1e-4
+    sinks, window = 4, 20
+    engine = engine_for(checkpoints[variant], policy="recompute", sinks=sinks, window=window, slots=1)
+    held = engine.runner.recompute_context(0, ids)  # sinks + the last window ids, slot emptied
+    last = engine.runner.forward([RowInput(0, held, "last")])[0]
+    expect = hf(torch.tensor([ids[:sinks] + ids[-window:]])).logits[0, -1]
+    assert (last[0] - expect).abs().max() <= 1e-4
 
 
 def _turn(engine, sid, text, **params):
