@@ -33,23 +33,28 @@ from sinkserve.engine.step_inputs import AttnGroup, DecodeRows, StepBatch
 
 
 def sink_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch,
+    local: bool = False, softcap: float | None = None,
 ) -> torch.Tensor:
-    """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab."""
+    """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab.
+    `local`: a sliding-window layer (step_inputs.LocalLayers), which reads its own masks and rotary tables;
+    `softcap`: Gemma 2's tanh capping of the scaled scores, before the mask."""
+    if local:
+        batch = batch.local
     decode, slopes = batch.decode, batch.alibi_slopes
     if decode is not None and decode.rows is None:  # decode rows only: the serving hot path
-        return _decode_attention(q, k, v, slab, layer, decode, slopes)
+        return _decode_attention(q, k, v, slab, layer, decode, slopes, softcap)
     out = q.new_empty(q.shape)
     if decode is not None:
         rows = decode.rows
-        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode, slopes)
+        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode, slopes, softcap)
     tables = batch.chunk
     q_cache = apply_rope(q, tables.cos_cache, tables.sin_cache)
     q_window = apply_rope(q, tables.cos_window, tables.sin_window)
     # prefill chunks attend to their own keys in both frames
     chunk_keys = (apply_rope(k, tables.cos_cache, tables.sin_cache), apply_rope(k, tables.cos_window, tables.sin_window))
     for group in batch.groups:
-        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group, slopes)
+        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group, slopes, softcap)
     # Written after attention, so a chunk that wraps the ring never hides entries from its own earlier queries.
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
     rows = tables.rows
@@ -70,7 +75,8 @@ def _slot_block(cache: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int,
     return block if (start, stop) == (0, cache.shape[0]) else block[start:stop]
 
 
-def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slopes=None) -> torch.Tensor:
+def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slopes=None,
+                      softcap: float | None = None) -> torch.Tensor:
     """One query per slot -> [B, Hq, D]. The new key is written first: it takes the entry of the key that
     leaves the window (or the next free one), so the query attends to its slot's first key_count entries."""
     batch, n_heads, head_dim = q.shape
@@ -88,6 +94,8 @@ def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slope
     scores = q_frames @ keys.transpose(-1, -2)  # [B, Hkv, frames * per_kv, count]
     if frames == 2:
         scores = torch.where(rows.sink_columns, scores[:, :, :per_kv], scores[:, :, per_kv:])
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if rows.mask is not None:
         scores = scores + rows.mask[:, None, None, :]
     if rows.alibi_distance is not None:  # -slope_h * cache distance (float32, as the softmax)
@@ -103,7 +111,7 @@ def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
 
 
 def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab, layer: int, group: AttnGroup,
-                     slopes=None):
+                     slopes=None, softcap: float | None = None):
     sinks = slab.geometry.sinks
     qc, qw = _rows(q_cache, group), _rows(q_window, group)  # [B, T, Hq, D]
     kc, kw, vc = _rows(k_cache, group), _rows(k_window, group), _rows(v, group)  # [B, T, Hkv, D]
@@ -116,7 +124,7 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
             batch, n_kv, per_kv * steps, head_dim
         )
 
-    if group.chunk_only:
+    if group.chunk_only and softcap is None:
         # Padding sits after each row's real tokens, so the causal mask alone keeps it out of real queries.
         attn = F.scaled_dot_product_attention(
             qw.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2), is_causal=True, enable_gqa=per_kv > 1
@@ -126,7 +134,7 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         return
     qc, qw = heads_first(qc), heads_first(qw)
     kc, kw, vc = kc.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)  # [B, Hkv, T, D]
-    if group.attn_mask is not None:
+    if group.attn_mask is not None and softcap is None:  # set for sink-less groups (not for local layers)
         # One frame only (window, dense, recompute past its first chunk): the fused kernel with the mask,
         # so no [T x keys] score tensor is built per layer.
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
@@ -151,6 +159,8 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         parts += [qc @ sink_k.transpose(-1, -2), qc @ kc.transpose(-1, -2)]
     parts += [qw @ ring_k.transpose(-1, -2), qw @ kw.transpose(-1, -2)]
     scores = torch.cat(parts, dim=-1) * (head_dim**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     width = scores.shape[-1]
     scores = scores.view(batch, n_kv, per_kv, steps, width)
     mask = group.mask if sinks else group.mask[..., sinks + steps :]

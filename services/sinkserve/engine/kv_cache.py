@@ -90,17 +90,23 @@ class KVSlab:
         order = torch.argsort(positions[held])
         return self.entry_token[slot][held][order].tolist()
 
-    def rebase(self, slots: torch.Tensor, new_base: torch.Tensor, inv_freq: torch.Tensor) -> None:
-        """Move the window frame of `slots` to `new_base`: rotate their ring keys by -(new_base - base)."""
+    def rebase(self, slots: torch.Tensor, new_base: torch.Tensor,
+               inv_freq: torch.Tensor | list[torch.Tensor]) -> None:
+        """Move the window frame of `slots` to `new_base`: rotate their ring keys by -(new_base - base).
+        `inv_freq`: one for every layer, or a list with each layer's own (Gemma 3's local layers)."""
         s = self.geometry.sinks
-        if not inv_freq.numel():  # no rotary (ALiBi): keys are stored as they are, only the origin moves
-            self.base[slots] = new_base
+        if isinstance(inv_freq, torch.Tensor) and not inv_freq.numel():  # no rotary (ALiBi): keys are stored
+            self.base[slots] = new_base  # as they are, only the origin moves
             return
-        cos, sin = rope_for_offsets(inv_freq, self.base[slots] - new_base, self.dtype)
-        cos, sin = cos[:, None, None, :], rotate_half_sign(sin)[:, None, None, :]  # over [slot, head, entry]
+        per_layer = inv_freq if isinstance(inv_freq, list) else [inv_freq] * self.geometry.n_layers
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in range(self.geometry.n_layers):
+            freq = per_layer[layer]
+            if id(freq) not in tables:
+                cos, sin = rope_for_offsets(freq, self.base[slots] - new_base, self.dtype)
+                tables[id(freq)] = cos[:, None, None, :], rotate_half_sign(sin)[:, None, None, :]  # [slot, head, entry]
             ring = self.k[layer, slots, :, s:]
-            self.k[layer, slots, :, s:] = apply_rope(ring, cos, sin)
+            self.k[layer, slots, :, s:] = apply_rope(ring, *tables[id(freq)])
         self.base[slots] = new_base
 
     # Parking: a slot's whole state as host tensors, and back (bit-exact).

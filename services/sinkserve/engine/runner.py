@@ -12,7 +12,7 @@ import torch
 
 from sinkserve.engine.kv_cache import KVSlab, SlabGeometry
 from sinkserve.engine.sampling import sample
-from sinkserve.engine.step_inputs import RopeTables, RowInput, build_step_batch
+from sinkserve.engine.step_inputs import LocalLayers, RopeTables, RowInput, build_step_batch
 from sinkserve.errors import ContextOverflow
 from sinkserve.protocol import GenerationParams
 
@@ -27,8 +27,12 @@ class ModelRunner:
         self.policy = policy
         self.slab = KVSlab(geometry, self.dtype, self.device)
         # Window-frame positions stay below rope.positions (see KVSlab.rebase).
-        self.rope = RopeTables.build(self.args, geometry.sinks + 2 * geometry.window + max_chunk + 1,
-                                     self.dtype, self.device)
+        positions = geometry.sinks + 2 * geometry.window + max_chunk + 1
+        self.rope = RopeTables.build(self.args, positions, self.dtype, self.device)
+        # Sliding-window layers (Gemma 2/3): their own masks and, when their rotary base differs, tables.
+        self.local = LocalLayers.build(self.args, positions, self.rope, self.dtype, self.device)
+        self._rebase_freq = (self.rope.inv_freq if self.local is None
+                             else self.local.inv_freq_per_layer(geometry.n_layers, self.rope.inv_freq))
         slots, device = geometry.slots, self.device
         # Per-slot sampling parameters, set when a turn starts (no per-step gathering from Python objects).
         self._temperature = torch.zeros(slots, device=device)
@@ -93,7 +97,8 @@ class ModelRunner:
                 raise ContextOverflow(f"dense cache holds {slab.geometry.window} tokens")
         else:
             self._maybe_rebase(slab, slots, n_seen, lengths)
-        batch = build_step_batch(rows, slab, self.rope, n_seen, self.args.n_heads // self.args.n_kv_heads)
+        batch = build_step_batch(rows, slab, self.rope, n_seen, self.args.n_heads // self.args.n_kv_heads,
+                                 self.local)
         logits = self.model(slab, batch)
         # Bookkeeping after the forward: entries now hold these tokens.
         slab.entry_position[batch.write_slot, batch.write_entry] = batch.position
@@ -139,4 +144,4 @@ class ModelRunner:
         need = last - slab.base[slots] >= self.rope.positions
         if bool(need.any()):
             new_base = (n_seen[need] - slab.geometry.window).clamp(min=0)
-            slab.rebase(slots[need], new_base, self.rope.inv_freq)
+            slab.rebase(slots[need], new_base, self._rebase_freq)

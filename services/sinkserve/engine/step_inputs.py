@@ -13,7 +13,7 @@ their cache positions instead; attention adds -slope_h * distance to the scores 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -60,6 +60,35 @@ class RopeTables:
         slopes = getattr(args, "alibi_slopes", None)
         slopes = None if slopes is None else slopes.to(device=device, dtype=torch.float32)
         return cls(inv_freq, positions, cos, sin, cos * scale, sin * scale, slopes)
+
+
+@dataclass(frozen=True)
+class LocalLayers:
+    """Local (sliding-window) layers, as in Gemma 2/3: each query sees only the keys less than `window` text
+    positions before it (itself included), HF's sliding-window rule, intersected with what the cache holds.
+    Sink entries get no exception: a local layer sees them only while they are that close, as HF's sliding
+    layers, which have no sinks. Global layers keep the sinks + rolling window. `rope` holds the local layers'
+    own rotary tables (Gemma 3 rotates them with another base); `layers` says which layers are local."""
+
+    window: int
+    layers: tuple[int, ...]
+    rope: RopeTables
+
+    @classmethod
+    def build(cls, args, positions: int, global_rope: RopeTables, dtype: torch.dtype,
+              device: torch.device) -> "LocalLayers | None":
+        window = getattr(args, "local_window", None)
+        if not window:
+            return None
+        theta, scaling = args.local_rope_theta, args.local_rope_scaling
+        same = (theta, scaling) == (args.rope_theta, args.rope_scaling)
+        rope = global_rope if same else RopeTables.build(
+            replace(args, rope_theta=theta, rope_scaling=scaling), positions, dtype, device)
+        return cls(window, tuple(args.local_layers), rope)
+
+    def inv_freq_per_layer(self, n_layers: int, global_inv_freq: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's rotary frequencies, for KVSlab.rebase."""
+        return [self.rope.inv_freq if i in self.layers else global_inv_freq for i in range(n_layers)]
 
 
 @dataclass(frozen=True)
@@ -135,13 +164,17 @@ class StepBatch:
     write_slot: torch.Tensor  # [N]
     write_entry: torch.Tensor  # [N]
     alibi_slopes: torch.Tensor | None = None  # [n_heads] float32 (RopeTables.alibi_slopes)
+    # What local (sliding-window) layers read instead: their masks and rotary tables (LocalLayers); None
+    # for models without local layers.
+    local: "StepBatch | None" = None
 
 
 def build_step_batch(
-    rows: list[RowInput], slab: KVSlab, rope: RopeTables, n_seen: torch.Tensor, per_kv_heads: int
+    rows: list[RowInput], slab: KVSlab, rope: RopeTables, n_seen: torch.Tensor, per_kv_heads: int,
+    local: LocalLayers | None = None,
 ) -> StepBatch:
     """The step's inputs. `n_seen` [rows]: tokens each row's slot has seen before this step; `per_kv_heads`:
-    query heads per KV head."""
+    query heads per KV head; `local`: the model's local layers, if it has any."""
     device = slab.device
     geometry = slab.geometry
     sinks, window = geometry.sinks, geometry.window
@@ -179,24 +212,26 @@ def build_step_batch(
     if single:
         decode = _decode_rows(single, starts, n_seen, cache_position, window_position, store_position,
                               write_slot, write_entry, slab, rope, decode_only=not multi)
-    groups, chunk = (), None
+    groups, chunk, chunk_rows = (), None, None
     if multi:
         chunk_rows = None if not single else torch.nonzero(lengths_t[row_of_token] > 1).squeeze(1)
-
-        def pick(x: torch.Tensor) -> torch.Tensor:
-            return x if chunk_rows is None else x[chunk_rows]
-
-        def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n, 1, rot]: over heads
-            return rope.cos[positions][:, None], rope.sin[positions][:, None]
-
-        cos_cache, sin_cache = tables(cache_position)
-        cos_window, sin_window = tables(window_position)
-        cos_store, sin_store = tables(pick(store_position))
-        chunk = ChunkTables(cos_cache, sin_cache, cos_window, sin_window, chunk_rows, cos_store, sin_store,
-                            pick(write_slot), pick(write_entry))
+        chunk = _chunk_tables(rope, cache_position, window_position, store_position, chunk_rows, write_slot,
+                              write_entry)
         groups = (_group(multi, lengths, starts, slots, n_seen, slab, per_kv_heads,
                          alibi=rope.alibi_slopes is not None),)
-    return StepBatch(
+    local_batch = None
+    if local is not None:
+        local_decode = local_chunk = None
+        if single:
+            local_decode = _decode_rows(single, starts, n_seen, cache_position, window_position, store_position,
+                                        write_slot, write_entry, slab, local.rope, decode_only=not multi)
+            local_decode = replace(local_decode, mask=_local_decode_mask(local_decode, position, slab, local.window))
+        if multi:
+            local_chunk = _chunk_tables(local.rope, cache_position, window_position, store_position, chunk_rows,
+                                        write_slot, write_entry)
+        local_batch = dict(decode=local_decode, chunk=local_chunk,
+                           groups=tuple(_local_group(g, slab, local.window) for g in groups))
+    batch = StepBatch(
         token_ids=token_ids,
         decode=decode,
         groups=groups,
@@ -210,6 +245,52 @@ def build_step_batch(
         write_entry=write_entry,
         alibi_slopes=rope.alibi_slopes,
     )
+    return batch if local_batch is None else replace(batch, local=replace(batch, **local_batch))
+
+
+def _chunk_tables(rope: RopeTables, cache_position, window_position, store_position, chunk_rows, write_slot,
+                  write_entry) -> ChunkTables:
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x if chunk_rows is None else x[chunk_rows]
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n, 1, rot]: over heads
+        return rope.cos[positions][:, None], rope.sin[positions][:, None]
+
+    cos_cache, sin_cache = tables(cache_position)
+    cos_window, sin_window = tables(window_position)
+    cos_store, sin_store = tables(pick(store_position))
+    return ChunkTables(cos_cache, sin_cache, cos_window, sin_window, chunk_rows, cos_store, sin_store,
+                       pick(write_slot), pick(write_entry))
+
+
+def _local_decode_mask(rows: DecodeRows, position: torch.Tensor, slab: KVSlab, window: int) -> torch.Tensor:
+    """[B, key_count] additive mask of a local layer's decode rows: an entry counts when it holds a key less
+    than `window` text positions back. The entry this step writes still shows its old position in the
+    bookkeeping (updated after the forward): it holds the row's own token."""
+    count = rows.key_count
+    held = slab.entry_position[rows.slots, :count].clone()
+    own = position[rows.rows] if rows.rows is not None else position
+    held[torch.arange(len(own), device=held.device), rows.write_entry] = own
+    near = (held >= 0) & (own[:, None] - held < window)
+    return torch.zeros(near.shape, dtype=slab.dtype, device=slab.device).masked_fill_(~near, float("-inf"))
+
+
+def _local_group(group: AttnGroup, slab: KVSlab, window: int) -> AttnGroup:
+    """The prefill group as a local layer sees it: the global mask, less the keys `window` or more text
+    positions back. Always the explicit-score path (no fused-kernel shortcut, whose masks are global)."""
+    sinks = slab.geometry.sinks
+    batch, steps = group.valid.shape
+    device = group.valid.device
+    t_q = slab.tokens_seen[group.slots][:, None] + torch.arange(steps, device=device)[None, :]  # [B, T]
+    key_position = torch.cat([
+        torch.arange(sinks, device=device)[None, :].expand(batch, -1),  # sink entries hold positions 0..sinks-1
+        t_q,  # the chunk, cache frame
+        slab.entry_position[group.slots, sinks:],  # the ring (stale entries are already masked out)
+        t_q,  # the chunk, window frame
+    ], dim=-1)
+    mask = group.mask & (t_q[:, :, None] - key_position[:, None, :] < window)
+    mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
+    return replace(group, mask=mask, chunk_only=False, attn_mask=None)
 
 
 def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int, alibi: bool = False) -> AttnGroup:
