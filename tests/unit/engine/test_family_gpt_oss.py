@@ -103,7 +103,8 @@ def test_yarn_frequencies_and_factor_equal_hf():
         ours = inv_frequencies(16, 150000.0, params)
         assert torch.allclose(ours.float(), hf_inv_freq, rtol=1e-6, atol=0)
         assert not torch.allclose(ours, inv_frequencies(16, 150000.0))  # the scaling changes some pairs
-        assert yarn_attention_factor(params, 131072) == pytest.approx(hf_factor) == pytest.approx(0.1 * math.log(32) + 1)
+        factor = yarn_attention_factor(params, 131072)
+        assert factor == pytest.approx(hf_factor) == pytest.approx(0.1 * math.log(32) + 1)
 
 
 # ---- a plain StreamingLLM reference over the HF modules: keys cached before rotation, sinks + the last
@@ -237,6 +238,27 @@ def test_moe_equals_a_dense_equivalent(checkpoints, variant):
     assert cfg.num_experts_per_tok < cfg.num_local_experts
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("sinks", SINKS)
+def test_recompute_and_streaming_scores_with_any_sink_count(checkpoints, sinks):
+    """The other policies take learned sinks too, also with 0 sink tokens: recompute scores each token as HF's
+    forward over just the tokens the cache holds; streaming scores equal its own stream of logits."""
+    path = checkpoints["yarn_alternating"]
+    ids, window = random_ids(70, seed=6), 24
+    hf = hf_model(path)
+    recompute = engine_for(path, policy="recompute", sinks=sinks, window=window, slots=1)
+    nll = recompute.score(ids, chunk=8).nll
+    for t in range(0, len(ids) - 1, 7):
+        held = ids[: t + 1] if t + 1 <= sinks + window else ids[:sinks] + ids[t + 1 - window : t + 1]
+        logp = hf(torch.tensor([held])).logits[0, -1].log_softmax(-1)
+        assert abs(nll[t] + logp[ids[t + 1]].item()) <= 1e-4, (t, nll[t], -logp[ids[t + 1]].item())
+    streaming = engine_for(path, sinks=sinks, window=window, slots=1, prefill_chunk=8)
+    logp = streaming.stream_logits(ids, chunk=8).log_softmax(-1)
+    expected = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    scored = torch.tensor(streaming.score(ids, chunk=8).nll, dtype=torch.float64)
+    assert torch.allclose(scored, expected.double(), atol=1e-4)
+
+
 def _turn(engine, sid, text, **params):
     return [o.token_id for o in engine.chat(sid, text, GenerationParams(**params))]
 
@@ -292,7 +314,8 @@ def test_rebuild_from_transcript(checkpoints, variant, sinks):
     sid = engine.open_session()
     transcript = []
     for i in range(3):
-        transcript += list(engine.chat(sid, f"turn {i}", GenerationParams(max_tokens=10, ignore_eos=True)))[-1].turn_tokens
+        outputs = list(engine.chat(sid, f"turn {i}", GenerationParams(max_tokens=10, ignore_eos=True)))
+        transcript += outputs[-1].turn_tokens
     twin = engine_for(path, sinks=sinks, window=200, slots=1)
     twin.import_session("copy", transcript)
     assert _turn(engine, sid, "again", max_tokens=10, ignore_eos=True) == _turn(twin, "copy", "again", max_tokens=10,
@@ -325,7 +348,7 @@ def test_int4_engine_matches_hf_on_the_quantized_weights(checkpoints, variant):
         engine = engine_for(checkpoints[variant], window=128, slots=1, dtype="bfloat16", weights="int4",
                             packed_max_rows=4)
         ours = engine.stream_logits(ids, chunk=chunk).float()
-        assert (ours - ref).abs().max() <= 0.05 * ref.abs().max(), (chunk, (ours - ref).abs().max())
+        assert (ours - ref).abs().max() <= 0.03 * ref.abs().max(), (chunk, (ours - ref).abs().max())
         assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9  # bfloat16 near-ties
 
 
