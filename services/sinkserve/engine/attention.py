@@ -20,6 +20,11 @@ ALiBi families (no rotary) store keys as they are, so both frames coincide and d
 step carries, per query and key column, the distance between their cache positions (step_inputs.py); each
 layer adds -slope_h * distance to the scores, the slopes from `batch.alibi_slopes` (one per query head). The
 sink-less fused-kernel shortcuts are skipped then (the bias is not a boolean mask).
+
+Learned attention sinks (gpt-oss): `sink_logits` [Hq], one logit per query head that joins each softmax's
+denominator and adds nothing to the output (probs = softmax over [scores, sink], sink column dropped). They are
+not the StreamingLLM sink tokens (entries kept in the cache); a model may have both, or either. None (every
+other family) leaves every path as it was.
 """
 
 from __future__ import annotations
@@ -34,27 +39,28 @@ from sinkserve.engine.step_inputs import AttnGroup, DecodeRows, StepBatch
 
 def sink_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab: KVSlab, layer: int, batch: StepBatch,
-    local: bool = False, softcap: float | None = None,
+    local: bool = False, softcap: float | None = None, sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (not yet rotated) -> attention output [N, Hq, D]; writes k/v to the slab.
     `local`: a sliding-window layer (step_inputs.LocalLayers), which reads its own masks and rotary tables;
-    `softcap`: Gemma 2's tanh capping of the scaled scores, before the mask."""
+    `softcap`: Gemma 2's tanh capping of the scaled scores, before the mask; `sink_logits` [Hq]: learned
+    per-head sink logits (see the module doc), None for none."""
     if local:
         batch = batch.local
     decode, slopes = batch.decode, batch.alibi_slopes
     if decode is not None and decode.rows is None:  # decode rows only: the serving hot path
-        return _decode_attention(q, k, v, slab, layer, decode, slopes, softcap)
+        return _decode_attention(q, k, v, slab, layer, decode, slopes, softcap, sink_logits)
     out = q.new_empty(q.shape)
     if decode is not None:
         rows = decode.rows
-        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode, slopes, softcap)
+        out[rows] = _decode_attention(q[rows], k[rows], v[rows], slab, layer, decode, slopes, softcap, sink_logits)
     tables = batch.chunk
     q_cache = apply_rope(q, tables.cos_cache, tables.sin_cache)
     q_window = apply_rope(q, tables.cos_window, tables.sin_window)
     # prefill chunks attend to their own keys in both frames
     chunk_keys = (apply_rope(k, tables.cos_cache, tables.sin_cache), apply_rope(k, tables.cos_window, tables.sin_window))
     for group in batch.groups:
-        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group, slopes, softcap)
+        _group_attention(out, q_cache, q_window, *chunk_keys, v, slab, layer, group, slopes, softcap, sink_logits)
     # Written after attention, so a chunk that wraps the ring never hides entries from its own earlier queries.
     # Sink tokens are stored in the cache frame, window tokens in the window frame.
     rows = tables.rows
@@ -75,8 +81,29 @@ def _slot_block(cache: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int,
     return block if (start, stop) == (0, cache.shape[0]) else block[start:stop]
 
 
+def _softmax_with_sink(scores: torch.Tensor, sink_logits: torch.Tensor) -> torch.Tensor:
+    """float32 softmax over [scores, sink] without the sink column; scores [B, Hkv, per_kv, ..., keys] (query
+    head h = kv * per_kv + j, as the heads-first layouts below order them), sink_logits [Hq]."""
+    n_kv, per_kv = scores.shape[1], scores.shape[2]
+    sink = sink_logits.to(scores.dtype).view(n_kv, per_kv, *([1] * (scores.dim() - 3)))
+    combined = torch.cat([scores, sink.expand(scores.shape[:-1] + (1,))], dim=-1)
+    return torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
+
+
+def _with_sink_key(keys, values, allowed, sink_column):
+    """The fused kernel has no sink term: one more key, all zeros (score 0), with a zero value and the sink
+    logit as its mask bias, puts exp(sink) in the denominator and nothing in the output. keys/values
+    [B, Hkv, S, D], allowed bool broadcasting to [B, H, L, S], sink_column [1, H, L, 1] -> keys, values, bias."""
+    zero = keys.new_zeros(keys.shape[:2] + (1, keys.shape[-1]))
+    bias = torch.zeros(allowed.shape, dtype=keys.dtype, device=keys.device).masked_fill(~allowed, float("-inf"))
+    heads, queries = sink_column.shape[1], sink_column.shape[2]
+    bias = bias.expand(bias.shape[0], heads, queries, bias.shape[-1])
+    bias = torch.cat([bias, sink_column.to(keys.dtype).expand(bias.shape[0], -1, -1, -1)], dim=-1)
+    return torch.cat([keys, zero], dim=2), torch.cat([values, zero], dim=2), bias
+
+
 def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slopes=None,
-                      softcap: float | None = None) -> torch.Tensor:
+                      softcap: float | None = None, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """One query per slot -> [B, Hq, D]. The new key is written first: it takes the entry of the key that
     leaves the window (or the next free one), so the query attends to its slot's first key_count entries."""
     batch, n_heads, head_dim = q.shape
@@ -100,7 +127,10 @@ def _decode_attention(q, k, v, slab: KVSlab, layer: int, rows: DecodeRows, slope
         scores = scores + rows.mask[:, None, None, :]
     if rows.alibi_distance is not None:  # -slope_h * cache distance (float32, as the softmax)
         scores = torch.addcmul(scores.float(), slopes.view(1, n_kv, per_kv, 1), rows.alibi_distance, value=-1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    if sink_logits is not None:
+        probs = _softmax_with_sink(scores, sink_logits).to(values.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return (probs @ values).view(batch, n_heads, head_dim)
 
 
@@ -111,7 +141,7 @@ def _rows(x: torch.Tensor, group: AttnGroup) -> torch.Tensor:
 
 
 def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab, layer: int, group: AttnGroup,
-                     slopes=None, softcap: float | None = None):
+                     slopes=None, softcap: float | None = None, sink_logits: torch.Tensor | None = None):
     sinks = slab.geometry.sinks
     qc, qw = _rows(q_cache, group), _rows(q_window, group)  # [B, T, Hq, D]
     kc, kw, vc = _rows(k_cache, group), _rows(k_window, group), _rows(v, group)  # [B, T, Hkv, D]
@@ -126,9 +156,15 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
 
     if group.chunk_only and softcap is None:
         # Padding sits after each row's real tokens, so the causal mask alone keeps it out of real queries.
-        attn = F.scaled_dot_product_attention(
-            qw.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2), is_causal=True, enable_gqa=per_kv > 1
-        )  # [B, Hq, T, D]
+        q_heads, k_heads, v_heads = qw.transpose(1, 2), kw.transpose(1, 2), vc.transpose(1, 2)
+        if sink_logits is None:
+            attn = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, is_causal=True, enable_gqa=per_kv > 1)
+        else:
+            causal = torch.ones(steps, steps, dtype=torch.bool, device=qw.device).tril()[None, None]
+            sink_column = sink_logits.view(1, n_heads, 1, 1).expand(1, n_heads, steps, 1)
+            k_heads, v_heads, bias = _with_sink_key(k_heads, v_heads, causal, sink_column)
+            attn = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=bias, enable_gqa=per_kv > 1)
+        # attn: [B, Hq, T, D]
         attn = attn.transpose(1, 2)
         out[group.tokens[group.valid]] = attn[group.valid]
         return
@@ -140,10 +176,12 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         used = group.ring_used  # a dense cache fills its ring in order: skip the entries never written
         ring_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range, used)  # no sink entries without sinks
         ring_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range, used)
-        attn = F.scaled_dot_product_attention(
-            qw, torch.cat([ring_k, kw], dim=2), torch.cat([ring_v, vc], dim=2), attn_mask=group.attn_mask,
-            scale=head_dim**-0.5,
-        )
+        keys, values, mask = torch.cat([ring_k, kw], dim=2), torch.cat([ring_v, vc], dim=2), group.attn_mask
+        if sink_logits is not None:  # queries are heads-first: [B, Hkv, per_kv * T]
+            sink_column = sink_logits.view(n_kv, per_kv, 1).expand(n_kv, per_kv, steps).reshape(
+                1, n_kv, per_kv * steps, 1)
+            keys, values, mask = _with_sink_key(keys, values, mask, sink_column)
+        attn = F.scaled_dot_product_attention(qw, keys, values, attn_mask=mask, scale=head_dim**-0.5)
         attn = attn.view(batch, n_kv, per_kv, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(
             batch, steps, n_heads, head_dim
         )
@@ -168,7 +206,11 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         distance = group.alibi_distance if sinks else group.alibi_distance[..., steps:]
         scores = torch.addcmul(scores.float(), slopes.view(1, n_kv, per_kv, 1, 1), distance, value=-1)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(vc.dtype).view(batch, n_kv, per_kv * steps, width)
+    if sink_logits is not None:
+        probs = _softmax_with_sink(scores, sink_logits)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    probs = probs.to(vc.dtype).reshape(batch, n_kv, per_kv * steps, width)  # the sink slice is a strided view
 
     window = ring_k.shape[2]
     if sinks:

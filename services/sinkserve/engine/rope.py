@@ -33,9 +33,49 @@ def inv_frequencies(rot_dim: int, theta: float, scaling: dict | None = None) -> 
         # sinks + window, and families using it cap the cache at original_max_position_embeddings
         # (ModelArgs.max_context), so short_factor is the one HF applies to every sequence the cache can hold.
         return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64)
+    if kind == "yarn":
+        return _yarn_inv_frequencies(inv_freq, rot_dim, theta, scaling)
     raise UnsupportedModel(
-        f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope)"
+        f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope, yarn)"
     )
+
+
+def _yarn_inv_frequencies(inv_freq: torch.Tensor, rot_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): pairs that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), pairs that turn more than beta_fast times are kept, and a linear ramp
+    over the pair index blends the two in between. `truncate` (default true, as in HF) rounds the ramp's ends
+    outward to whole pairs; gpt-oss sets it false."""
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def pair_for(rotations: float) -> float:  # the (fractional) pair index that turns `rotations` times
+        return rot_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_for(beta_fast), pair_for(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp: avoid dividing by zero
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def yarn_attention_factor(scaling: dict, max_position_embeddings: int) -> float:
+    """YaRN's factor on cos/sin (HF's `attention_scaling`): the given attention_factor, else
+    0.1 * ln(factor) + 1 (with mscale / mscale_all_dim when both are set; 1 when factor <= 1)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling.get("factor") or max_position_embeddings / float(scaling["original_max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, float(scaling["mscale"])) / mscale(factor, float(scaling["mscale_all_dim"]))
+    return mscale(factor)
 
 
 def longrope_attention_factor(scaling: dict, max_position_embeddings: int) -> float:

@@ -10,10 +10,10 @@ from typing import Callable
 import torch
 
 from sinkserve.engine.models import gpt_neox, llama
-from sinkserve.engine.models import falcon, gemma, mpt, phi3, qwen3
+from sinkserve.engine.models import falcon, gemma, gpt_oss, mpt, phi3, qwen3
 from sinkserve.errors import UnsupportedModel
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox, qwen3, phi3, falcon, mpt, gemma)
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt_neox, qwen3, phi3, falcon, mpt, gemma, gpt_oss)
 SUPPORTED_ARCHITECTURES = tuple(arch for family in FAMILIES for arch in family.HF_ARCHITECTURES)
 
 
