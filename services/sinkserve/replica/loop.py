@@ -23,7 +23,7 @@ from typing import Any
 
 from sinkserve.engine import Engine, TokenOutput
 from sinkserve.engine.output import StepStats
-from sinkserve.errors import ReplicaUnavailable, SessionNotFound
+from sinkserve.errors import ReplicaUnavailable, SessionNotFound, SinkServeError
 from sinkserve.protocol import GenerationParams, SessionView
 
 logger = logging.getLogger("sinkserve.replica")
@@ -286,8 +286,10 @@ class EngineLoop:
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
             logger.exception("engine loop died")
             self.error = err
+            # Our own errors (a lost tensor-parallel shard) say why; anything else stays internal.
+            why = f": {err.message}" if isinstance(err, SinkServeError) else ""
             for sink in self.subscribers.values():
-                sink.put(ReplicaUnavailable("the replica's engine failed"))
+                sink.put(ReplicaUnavailable(f"the replica's engine failed{why}"))
             self.subscribers.clear()
             self._fail_pending()
 
