@@ -243,7 +243,9 @@ def up(
         typer.echo("starting Ray (127.0.0.1, token auth) ...")
         start_local_ray(settings, num_cpus=num_cpus)
         ray_started = True
-        typer.echo(f"deploying {replicas} replica(s) of {settings.engine.model} ...")
+        shards = settings.replica.tensor_parallel
+        typer.echo(f"deploying {replicas} replica(s) of {settings.engine.model}"
+                   + (f", {shards} tensor-parallel shards each" if shards > 1 else "") + " ...")
         deploy(settings)
         typer.echo("starting the gateway ...")
         asyncio.run(_serve(settings, serve_forever))
