@@ -126,6 +126,10 @@ def tensor_parallel_problem(settings, ray_cpus: float | None) -> str:
         shards.check_start(hf_config, world, device, rc.tensor_parallel_oversubscribe)
     except SinkServeError as err:
         return f"--tensor-parallel: {err.message}"
+    if device.type == "cuda" and not rc.num_gpus:
+        # Ray hands a shard actor a GPU only if its bundle asks for one.
+        return (f"--tensor-parallel {world} on {device}: every shard needs a GPU of its own in Ray; set "
+                "SINKSERVE_REPLICA__NUM_GPUS=1 (GPUs per shard)")
     if ray_cpus is not None and ray_cpus_needed(settings) > ray_cpus:
         per_size = rc.num_replicas * rc.num_cpus
         sizes = shards.valid_sizes(shards.shardable_family(hf_config).ModelArgs.from_hf(hf_config))

@@ -72,6 +72,20 @@ def test_more_shard_cpus_than_ray_has_is_refused(tiny, tmp_path):
             "sizes that fit: 1") in result.output
 
 
+def test_a_family_without_a_partitioning_is_refused(tiny, tmp_path):
+    import json
+
+    qwen = tmp_path / "qwen3"
+    qwen.mkdir()
+    hf = json.loads((tiny / "config.json").read_text())
+    hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    (qwen / "config.json").write_text(json.dumps(hf))
+    result = up(tmp_path, "--model", str(qwen), "--tensor-parallel", "2")
+    assert result.exit_code == 2, result.output
+    assert "--tensor-parallel: Qwen3ForCausalLM cannot be split into tensor-parallel shards; families that can: " \
+           "Llama, GPT-NeoX" in result.output
+
+
 def test_the_bundled_model_names_its_sizes(tmp_path):
     result = up(tmp_path, "--tensor-parallel", "2")
     assert result.exit_code == 2, result.output
