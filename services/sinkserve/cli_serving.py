@@ -65,7 +65,8 @@ def _redis_password(url: str, configured: Optional[str]) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- up
 # `up` takes every engine field as a flag, the replica count and size, and the gateway port (all from the config).
 UP_FLAGS = (
-    ConfigFlags.of("replica", (("num_replicas", "--replicas", "-n"), ("num_cpus", "--replica-cpus")))
+    ConfigFlags.of("replica", (("num_replicas", "--replicas", "-n"), ("num_cpus", "--replica-cpus"),
+                               ("tensor_parallel", "--tensor-parallel")))
     + ConfigFlags.of("gateway", ("port", "http_port"))
     + ConfigFlags.of("engine")
 )
@@ -85,9 +86,58 @@ def up_settings(flags: GivenFlags, redis_url: Optional[str] = None):
         redis={"url": redis_url} if redis_url is not None else {},
     )
     if settings.engine.num_threads is None:
-        # Replicas share this machine's cores: split them instead of every replica using all of them.
-        settings.engine.num_threads = max(1, (os.cpu_count() or 1) // settings.replica.num_replicas)
+        # Replicas (and their shards) share this machine's cores: split them instead of each using all of them.
+        processes = settings.replica.num_replicas * settings.replica.tensor_parallel
+        settings.engine.num_threads = max(1, (os.cpu_count() or 1) // processes)
     return settings
+
+
+def ray_cpus_needed(settings) -> float:
+    """CPUs Ray must have for every replica: one bundle of replica.num_cpus per shard."""
+    return settings.replica.num_replicas * settings.replica.tensor_parallel * settings.replica.num_cpus
+
+
+def tensor_parallel_problem(settings, ray_cpus: float | None) -> str:
+    """Why the replicas cannot run as replica.tensor_parallel shards here ("" when they can), found before
+    anything starts: the weights (shards run dense), the model (its family and the sizes its heads and FFN width
+    split into), this machine's CPUs or GPUs (one each per shard), and the CPUs given to Ray (`ray_cpus`, None
+    when `up` picks enough itself). Each message names the sizes that work."""
+    rc, cfg = settings.replica, settings.engine
+    world = rc.tensor_parallel
+    if world == 1:
+        return ""
+    if cfg.weights not in ("auto", "dense"):
+        return f"--tensor-parallel {world}: shards run dense weights; --weights {cfg.weights} needs --tensor-parallel 1"
+    import json
+
+    from sinkserve.engine import shards
+    from sinkserve.engine.loader import resolve_device
+    from sinkserve.engine.weights import ModelNotFoundError, resolve_checkpoint
+    from sinkserve.errors import SinkServeError
+
+    try:
+        device = resolve_device(cfg.device)
+        hf_config = json.loads((resolve_checkpoint(cfg.model) / "config.json").read_text())
+    except ModelNotFoundError as err:
+        return str(err)
+    except SinkServeError as err:
+        return err.message
+    try:
+        shards.check_start(hf_config, world, device, rc.tensor_parallel_oversubscribe)
+    except SinkServeError as err:
+        return f"--tensor-parallel: {err.message}"
+    if device.type == "cuda" and not rc.num_gpus:
+        # Ray hands a shard actor a GPU only if its bundle asks for one.
+        return (f"--tensor-parallel {world} on {device}: every shard needs a GPU of its own in Ray; set "
+                "SINKSERVE_REPLICA__NUM_GPUS=1 (GPUs per shard)")
+    if ray_cpus is not None and ray_cpus_needed(settings) > ray_cpus:
+        per_size = rc.num_replicas * rc.num_cpus
+        sizes = shards.valid_sizes(shards.shardable_family(hf_config).ModelArgs.from_hf(hf_config))
+        fit = [n for n in sizes if n * per_size <= ray_cpus] or ["none"]
+        return (f"--tensor-parallel {world}: {rc.num_replicas} replica(s) x {world} shards x {rc.num_cpus:g} CPUs "
+                f"(--replica-cpus) = {ray_cpus_needed(settings):g} CPUs, but Ray has {ray_cpus:g} (--num-cpus); "
+                f"sizes that fit: {', '.join(map(str, fit))}")
+    return ""
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -156,6 +206,9 @@ def up(
     settings = up_settings(flags, redis_url)
     if redis_url is not None and data_dir is not None:
         _fail("--data-dir: only for the redis-server `up` starts; leave it out with --redis-url")
+    problem = tensor_parallel_problem(settings, num_cpus)
+    if problem:  # before anything starts, like the ports
+        _fail(problem)
     busy = busy_ports(settings)
     if busy:  # before anything starts: found now, not after Ray and the replicas came up
         _fail("; ".join(busy) + " (is another `sinkserve up` running?)", 1)
@@ -173,8 +226,8 @@ def up(
     from sinkserve.store.redis_server import RedisServer
 
     if num_cpus is None:
-        # Logical CPUs for Ray's scheduler: enough that every replica fits, however many were asked for.
-        num_cpus = max(os.cpu_count() or 1, math.ceil(replicas * settings.replica.num_cpus))
+        # Logical CPUs for Ray's scheduler: enough that every replica (each shard's bundle) fits.
+        num_cpus = max(os.cpu_count() or 1, math.ceil(ray_cpus_needed(settings)))
     redis_server = None
     ray_started = False
     try:
@@ -194,7 +247,9 @@ def up(
         typer.echo("starting Ray (127.0.0.1, token auth) ...")
         start_local_ray(settings, num_cpus=num_cpus)
         ray_started = True
-        typer.echo(f"deploying {replicas} replica(s) of {settings.engine.model} ...")
+        shards = settings.replica.tensor_parallel
+        typer.echo(f"deploying {replicas} replica(s) of {settings.engine.model}"
+                   + (f", {shards} tensor-parallel shards each" if shards > 1 else "") + " ...")
         deploy(settings)
         typer.echo("starting the gateway ...")
         asyncio.run(_serve(settings, serve_forever))

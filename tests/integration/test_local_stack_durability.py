@@ -42,6 +42,8 @@ START_BOUND_S = 240  # `sinkserve up` with the tiny model on a busy 2-core machi
 class Up:
     """One `sinkserve up` subprocess in its own process group, with a private cache dir (client defaults)."""
 
+    extra_args: tuple[str, ...] = ()  # more flags for `up` (a later flag wins over the same one above)
+
     def __init__(self, checkpoint: Path, cache_dir: Path, data_dir: Path, log_path: Path):
         self.checkpoint, self.cache_dir, self.data_dir, self.log_path = checkpoint, cache_dir, data_dir, log_path
         self.process: subprocess.Popen | None = None
@@ -69,6 +71,7 @@ class Up:
             "--replicas", "1", "--replica-cpus", "0.5", "--num-cpus", "2", "--num-threads", "1",
             "--slots", "4", "--sinks", str(SINKS), "--window", str(WINDOW),
             "--port", str(port), "--http-port", str(free_port()), "--data-dir", str(self.data_dir),
+            *self.extra_args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

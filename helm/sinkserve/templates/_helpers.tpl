@@ -183,6 +183,30 @@ that names the values to change.
 {{- if and (gt $gpusPerReplica 0.0) (gt $gpusPerReplica (float64 $maxGpusPerPod)) (eq $r.placementGroupStrategy "STRICT_PACK") }}
 {{- fail (printf "a replica needs replica.numGpus x replica.tensorParallel = %v GPUs on one node (STRICT_PACK), but the largest worker group has %d GPUs per pod: raise ray.workerGroups[].gpus or lower replica.tensorParallel" $gpusPerReplica $maxGpusPerPod) }}
 {{- end }}
+{{- /* The CPUs Ray sees in each worker pod: rayStartParams num-cpus, else the container's CPU limit (what KubeRay
+passes), else its request; "500m" is half a CPU. A group that says none is not checked. */}}
+{{- $maxCpusPerPod := 0.0 }}
+{{- range .Values.ray.workerGroups }}
+{{- $res := .resources | default dict }}
+{{- $cpu := index (.rayStartParams | default dict) "num-cpus" | default ($res.limits | default dict).cpu | default ($res.requests | default dict).cpu | default "" | toString }}
+{{- if $cpu }}
+{{- $n := 0.0 }}
+{{- if hasSuffix "m" $cpu }}{{ $n = divf (trimSuffix "m" $cpu | float64) 1000.0 }}{{ else }}{{ $n = float64 $cpu }}{{ end }}
+{{- if gt $n $maxCpusPerPod }}{{ $maxCpusPerPod = $n }}{{ end }}
+{{- end }}
+{{- end }}
+{{- $cpusPerReplica := mulf (float64 $r.numCpus) (float64 $r.tensorParallel) }}
+{{- if and (gt $maxCpusPerPod 0.0) (gt $cpusPerReplica $maxCpusPerPod) (eq $r.placementGroupStrategy "STRICT_PACK") }}
+{{- fail (printf "a replica needs replica.numCpus x replica.tensorParallel = %v CPUs on one node (STRICT_PACK), but the largest worker group has %v CPUs per pod: raise ray.workerGroups[].resources cpu or lower replica.numCpus or replica.tensorParallel" $cpusPerReplica $maxCpusPerPod) }}
+{{- end }}
+{{- /* The bundled model's 9 attention heads, 3 KV heads and FFN width 1536 split only in 1 or 3 (the engine refuses
+other sizes at start; a checkpoint path is checked there, when its config is read). */}}
+{{- if and (eq .Values.engine.model "smollm2-135m-instruct") (not (has (int $r.tensorParallel) (list 1 3))) }}
+{{- fail (printf "replica.tensorParallel %d does not split the bundled model (9 attention heads, 3 KV heads, FFN width 1536); sizes that do: 1, 3" (int $r.tensorParallel)) }}
+{{- end }}
+{{- if and (gt (int $r.tensorParallel) 1) (has .Values.engine.weights (list "int4" "int8")) }}
+{{- fail (printf "engine.weights %s is not split into shards: set engine.weights dense (or auto) with replica.tensorParallel > 1, or replica.tensorParallel 1" .Values.engine.weights) }}
+{{- end }}
 {{- if and (eq (float64 $r.numGpus) 0.0) (hasPrefix "cuda" .Values.engine.device) }}
 {{- fail (printf "engine.device is %q but replica.numGpus is 0: a replica would see no GPU" .Values.engine.device) }}
 {{- end }}

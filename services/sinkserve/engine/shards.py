@@ -108,19 +108,39 @@ def plan_shard(args, world: int, rank: int, vocab_parallel: bool = True) -> Shar
                      vocab, rows)
 
 
-def check_resources(world: int, device: torch.device, oversubscribe: bool = False) -> None:
-    """One shard per CPU or per GPU of this node: more is refused at start (naming the count there is)."""
+def _fitting(sizes: list[int] | None, count: int) -> str:
+    if sizes is None:
+        return ""
+    fit = [n for n in sizes if n <= count]
+    return f"; sizes that split this model and fit: {', '.join(map(str, fit))}"
+
+
+def check_resources(world: int, device: torch.device, oversubscribe: bool = False,
+                    sizes: list[int] | None = None) -> None:
+    """One shard per CPU or per GPU of this node: more is refused at start, naming the count there is (and,
+    given the model's valid `sizes`, those that fit)."""
     if device.type == "cuda":
         gpus = torch.cuda.device_count()
         if world > gpus:
-            raise InvalidArgument(f"tensor_parallel {world} needs {world} GPUs; this node has {gpus}")
+            raise InvalidArgument(f"tensor_parallel {world} needs {world} GPUs; this node has {gpus}"
+                                  + _fitting(sizes, gpus))
     elif device.type == "cpu":
         cpus = len(os.sched_getaffinity(0))
         if world > cpus and not oversubscribe:
             raise InvalidArgument(
                 f"tensor_parallel {world} needs {world} CPUs (one per shard); this process may use {cpus} "
-                "(replica.tensor_parallel_oversubscribe lets shards share cores)"
+                f"(replica.tensor_parallel_oversubscribe lets shards share cores){_fitting(sizes, cpus)}"
             )
+
+
+def check_start(hf_config: dict, world: int, device: torch.device, oversubscribe: bool = False) -> None:
+    """Everything a start of `world` shards is refused for before any process starts: a family without a
+    partitioning, a split the heads or FFN width cannot take, more shards than CPUs or GPUs here. `sinkserve up`
+    asks it before it starts Ray, the loader before it spawns shards."""
+    family = shardable_family(hf_config)
+    args = family.ModelArgs.from_hf(hf_config)
+    check_split(args, world)
+    check_resources(world, device, oversubscribe, sizes=valid_sizes(args))
 
 
 def shardable_family(hf_config: dict):
@@ -639,9 +659,7 @@ def load_sharded_model(checkpoint: Path, world: int, dtype_name: str, device: to
     from sinkserve.engine.loader import DTYPES
 
     hf_config = json.loads((checkpoint / "config.json").read_text())
-    family = shardable_family(hf_config)
-    check_split(family.ModelArgs.from_hf(hf_config), world)
-    check_resources(world, device, oversubscribe)
+    check_start(hf_config, world, device, oversubscribe)
     torch.set_num_threads(shard_threads(world, num_threads))
     # launcher(world, checkpoint, dtype, device, num_threads, vocab_parallel): LocalShards, or the replica's Ray one
     shards = (launcher or LocalShards)(world, checkpoint, dtype_name, device, num_threads, vocab_parallel)

@@ -23,7 +23,7 @@ from typing import Any
 
 from sinkserve.engine import Engine, TokenOutput
 from sinkserve.engine.output import StepStats
-from sinkserve.errors import ReplicaUnavailable, SessionNotFound
+from sinkserve.errors import ReplicaUnavailable, SessionNotFound, ShardLost
 from sinkserve.protocol import GenerationParams, SessionView
 
 logger = logging.getLogger("sinkserve.replica")
@@ -286,8 +286,11 @@ class EngineLoop:
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail every waiter, whatever killed it
             logger.exception("engine loop died")
             self.error = err
+            # A lost shard is named to the client (the transport's details stay in this log); anything else
+            # stays internal.
+            why = ": a tensor-parallel shard was lost" if isinstance(err, ShardLost) else ""
             for sink in self.subscribers.values():
-                sink.put(ReplicaUnavailable("the replica's engine failed"))
+                sink.put(ReplicaUnavailable(f"the replica's engine failed{why}"))
             self.subscribers.clear()
             self._fail_pending()
 

@@ -54,3 +54,35 @@ def test_ray_shards_equal_one_process_and_a_killed_shard_is_seen(local_ray, tiny
         engine.close()
         remove_placement_group(group)
     assert not torch.distributed.is_initialized()
+
+
+async def test_a_replica_whose_shard_died_fails_its_health_check(local_ray, tiny_checkpoint, make_replica):
+    """An idle replica (no call has failed yet) sees its shard actor's end: check_health raises, so Serve
+    replaces it."""
+    import asyncio
+
+    torch.set_num_threads(1)
+    group = placement_group([{"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_PACK")
+    ray.get(group.ready(), timeout=120)
+    config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", sinks=4, window=16, slots=2, device="cpu",
+                          num_threads=1)
+    engine = load_engine(config, tensor_parallel=2,
+                         launcher=functools.partial(RayShards, num_cpus=0.5, placement_group=group))
+    try:
+        replica = await make_replica(engine)
+        await replica.check_health()  # healthy while every shard runs
+        (pid,) = engine.runner.launcher.pids
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(300):  # Ray reports the actor's end within moments; bounded by polls, not by time
+            try:
+                await replica.check_health()
+            except RuntimeError as err:
+                assert "tensor-parallel shard" in str(err)
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("check_health kept passing with a dead shard")
+        replica.loop.stop()
+    finally:
+        engine.close()
+        remove_placement_group(group)
