@@ -159,8 +159,7 @@ def _falcon_step(hf, x, caches):
             h_attn, h_mlp = layer.ln_attn(x), layer.ln_mlp(x)
         else:
             h_attn = layer.input_layernorm(x)
-        q, k, v = attn._split_heads(attn.query_key_value(h_attn)[None])  # HF's own split of the fused layout
-        out = attn.dense(cache.attend(q[0], k[0], v[0]))
+        out = attn.dense(cache.attend(*_falcon_split(attn, h_attn)))
         if not cfg.parallel_attn:
             x = x + out
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -169,6 +168,18 @@ def _falcon_step(hf, x, caches):
             h_mlp = h_attn
         x = x + out + layer.mlp(h_mlp)
     return hf.lm_head(hf.transformer.ln_f(x))
+
+
+def _falcon_split(attn, h):
+    """Falcon's fused qkv in its three layouts (as FalconAttention lays it out): h [1, hidden] -> q [1, Hq, D],
+    k/v [1, Hkv, D]."""
+    fused = attn.query_key_value(h).view(*h.shape[:-1], -1, attn.head_dim)
+    if attn.new_decoder_architecture:  # per kv group: its queries, then its key and its value
+        grouped = fused.view(*h.shape[:-1], attn.num_kv_heads, -1, attn.head_dim)
+        return grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+    if attn.multi_query:  # all queries, then the one key and the one value
+        return fused.split([attn.num_heads, 1, 1], dim=-2)
+    return fused.unflatten(-2, (attn.num_heads, 3)).unbind(-2)  # query, key, value interleaved per head
 
 
 def plain_reference(hf, variant, ids, sinks, window):
