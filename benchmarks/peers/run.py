@@ -46,7 +46,7 @@ def build_spec(caches: list[int], concurrency: list[int], decode_tokens: int, th
     message_ids = ChatFormat(tokenizer).user_ids(MESSAGE)
     text, _ = default_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    context = max(caches) + 64  # the peers' context: the largest prompt and its decode fit, with room
+    context = max(*caches, ttft_tokens) + 64  # the peers' context: the largest prompt and its decode fit
     need = context + 64 + 64 * 97 + 64
     if len(ids) < need:
         raise SystemExit(f"the benchmark text has {len(ids)} tokens, {need} needed")

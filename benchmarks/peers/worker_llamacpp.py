@@ -110,14 +110,17 @@ def main(spec_path: str) -> int:
     run = decode_run(ctx, {0: ttft_prompt}, 0)
     result["ttft"] = {"prompt_tokens": len(ttft_prompt), "ttft_s": run["prefill_s"]}
     overflow = spec.overflow_prompt + message
+    # The C API aborts the process on a batch past n_ctx; the library's own Llama class checks first: ask it.
+    llm = L.Llama(model_path=spec.gguf, n_ctx=spec.context, n_threads=spec.threads, verbose=False)
     try:
-        decode_run(ctx, {0: overflow}, spec.decode_tokens)
+        llm.create_completion(overflow, max_tokens=spec.decode_tokens, temperature=0.0)
         result["overflow"] = {"prompt_tokens": len(overflow), "outcome": "served", "detail": "no error"}
-    except RuntimeError as exc:
+    except ValueError as exc:
         result["overflow"] = {
-            "prompt_tokens": len(overflow), "outcome": "refused",
-            "detail": f"{exc} with n_ctx {spec.context}; the library has no eviction of its own (llama-server's "
-                      "context shift discards half the context and re-positions the rest, not used here)"}
+            "prompt_tokens": len(overflow), "outcome": "failed",
+            "detail": f"llama_cpp.Llama raised ValueError: {exc}; the library has no eviction of its own: llama-server's context "
+                      "shift, which drops half the context and re-positions the rest, is not in the Python API"}
+    llm.close()
     ctx.close()
     for sessions in spec.concurrency:
         ctx = Context(model, sessions * 256, sessions, spec.threads)
