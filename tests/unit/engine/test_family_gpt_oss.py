@@ -24,9 +24,9 @@ VOCAB = 49152  # the bundled tokenizer's
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
               intermediate_size=32, bos_token_id=1, eos_token_id=2)
 VARIANTS = {
-    # As shipped: YaRN (factor 32 over 4096), sliding / full layers alternating. The sliding window is wider
-    # than every cache built here, so the sliding layers are exact (the engine caps the cache at it).
-    "yarn_alternating": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=256),
+    # As shipped: YaRN (factor 32 over 4096), sliding / full layers alternating. The sliding window (8) is
+    # narrower than every cache built here, so the sliding layers' own masks are what is tested.
+    "yarn_alternating": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
     # Plain RoPE, full attention everywhere, multi-head (no GQA), 3 of 6 experts per token.
     "full_mha": dict(num_key_value_heads=4, num_local_experts=6, num_experts_per_tok=3, sliding_window=8,
                      layer_types=["full_attention", "full_attention"],
@@ -121,20 +121,28 @@ def _rotate(x, positions, inv_freq, scaling):
 
 
 class PlainCache:
-    def __init__(self, sinks, window, rotary, sink_logits):
-        self.sinks, self.window = sinks, window
+    """StreamingLLM by the book, one layer: sinks + window entries, rotated by their cache positions. A sliding
+    layer (`local_window`) attends only to the held entries fewer than local_window text positions back."""
+
+    def __init__(self, sinks, window, rotary, sink_logits, local_window=None):
+        self.sinks, self.window, self.local_window = sinks, window, local_window
         self.inv_freq, self.scaling = rotary.inv_freq, rotary.attention_scaling
         self.sink_logits = sink_logits  # [Hq], or None to leave them out
-        self.k, self.v = [], []
+        self.k, self.v, self.text_pos = [], [], []
 
     def attend(self, q, k, v):  # q [1, Hq, D], k/v [1, Hkv, D] -> [1, Hq * D]
+        now = self.text_pos[-1] + 1 if self.text_pos else 0
         self.k.append(k)
         self.v.append(v)
+        self.text_pos.append(now)
         if len(self.k) > self.sinks + self.window:
-            del self.k[self.sinks], self.v[self.sinks]
+            del self.k[self.sinks], self.v[self.sinks], self.text_pos[self.sinks]
         keys, values = torch.cat(self.k), torch.cat(self.v)
         n, group = keys.shape[0], q.shape[1] // keys.shape[1]
         positions = torch.arange(n)
+        if self.local_window is not None:  # the sliding layer's own window, by text distance
+            near = torch.tensor([now - t < self.local_window for t in self.text_pos])
+            keys, values, positions = keys[near], values[near], positions[near]
         q_rot = _rotate(q, positions[-1:], self.inv_freq, self.scaling)
         k_rot = _rotate(keys, positions, self.inv_freq, self.scaling).repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
@@ -148,8 +156,10 @@ class PlainCache:
 
 def plain_reference(hf, ids, sinks, window, learned_sinks=True):
     inner = hf.model
-    caches = [PlainCache(sinks, window, inner.rotary_emb, layer.self_attn.sinks if learned_sinks else None)
-              for layer in inner.layers]
+    kinds = hf.config.layer_types
+    caches = [PlainCache(sinks, window, inner.rotary_emb, layer.self_attn.sinks if learned_sinks else None,
+                         hf.config.sliding_window if kinds[i] == "sliding_attention" else None)
+              for i, layer in enumerate(inner.layers)]
     logits = []
     for token in ids:
         x = inner.embed_tokens(torch.tensor([token]))
@@ -367,14 +377,13 @@ def _edited(src, tmp_path, name, **changes):
     return out
 
 
-def test_sliding_layers_cap_the_cache_until_local_windows_exist(checkpoints, tmp_path):
-    """Sliding layers narrower than the cache would need a per-layer window (not wired yet): refused at start,
-    naming the limit; a cache within the sliding window, or no sliding layers at all, is accepted."""
-    narrow = _edited(checkpoints["yarn_alternating"], tmp_path, "narrow", sliding_window=20)
-    with pytest.raises(InvalidArgument, match="context length 20"):
-        engine_for(narrow, sinks=4, window=32)
-    assert engine_for(narrow, sinks=4, window=16, slots=1).runner.args.max_context == 20
-    assert engine_for(checkpoints["full_mha"], sinks=4, window=32, slots=1)  # sliding_window 8, but no such layer
+def test_sliding_layers_are_local_layers_with_their_own_window(checkpoints, tmp_path):
+    """Sliding layers take the engine's local-layer masks, whatever the cache size; full layers and configs
+    without sliding layers have none. (The logit tests above check the masks against HF and the reference.)"""
+    engine = engine_for(checkpoints["yarn_alternating"], sinks=4, window=32, slots=1)
+    assert (engine.runner.local.window, engine.runner.local.layers) == (8, (0,))
+    assert engine.runner.args.max_context > 32  # not capped at the sliding window
+    assert engine_for(checkpoints["full_mha"], sinks=4, window=32, slots=1).runner.local is None  # no such layer
 
 
 def test_quantised_and_unknown_checkpoints_are_refused(checkpoints, tmp_path):

@@ -11,10 +11,10 @@
   and up columns (gate = even, up = odd); they are de-interleaved at load so the split is a contiguous slice.
   Experts stay plain tensors (the hit experts are looped over, as gpt-fast's MoE gathers them), so int4/int8
   packing touches attention and the head only, and the routing is computed at full precision of the model.
-- Layers alternate sliding (128) and full attention. The engine has no per-layer local window yet, so a
-  sliding layer is exact only while it sees no more than sliding_window keys: with sliding layers the
-  model's context for the engine (`max_context`) is sliding_window, and a larger sinks + window is refused
-  at start (a dense cache is capped at it too).
+- Layers alternate sliding (128) and full attention: sliding layers are the engine's local layers
+  (step_inputs.LocalLayers, as Gemma's): a query sees the keys fewer than sliding_window text positions back,
+  itself included, intersected with what the cache holds, and no sink tokens (HF's sliding layers have none;
+  their learned sink logit still joins the softmax). Full layers see the sink tokens + the rolling window.
 - Quantised checkpoints (mxfp4, the published gpt-oss files) are refused: dense bf16/fp32 weights only.
 
 Tensor parallelism: not partitioned (engine/shards.py refuses the family with its shardable-family error).
@@ -46,6 +46,10 @@ class ModelArgs(llama.ModelArgs):
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     rope_attention_factor: float = 1.0
+    local_window: int | None = None  # HF's sliding_window for the sliding layers; None: every layer full
+    local_layers: tuple[int, ...] = ()
+    local_rope_theta: float = 150000.0  # sliding layers rotate as the full ones (one rotary table)
+    local_rope_scaling: dict | None = None
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
@@ -74,11 +78,7 @@ class ModelArgs(llama.ModelArgs):
         if unknown:
             raise UnsupportedModel(f"gpt-oss layer types {sorted(unknown)} are not supported")
         sliding = cfg.get("sliding_window")
-        if "sliding_attention" in layer_types and sliding is not None:
-            # local_window: until the engine masks sliding layers to their own window, they are exact only
-            # when the whole cache (sinks + window) fits in sliding_window, so that is the engine's context
-            # here (Engine refuses a larger cache at start). Wire the per-layer window here to lift it.
-            max_context = min(max_context, int(sliding))
+        local_layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention") if sliding else ()
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -99,6 +99,10 @@ class ModelArgs(llama.ModelArgs):
             swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
             swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
             rope_attention_factor=attention_factor,
+            local_window=int(sliding) if local_layers else None,
+            local_layers=local_layers,
+            local_rope_theta=theta,
+            local_rope_scaling=scaling,
         )
 
 
@@ -107,6 +111,7 @@ class Attention(llama.Attention):
         super().__init__(args, layer)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.qkv_bias)
         self.sinks = nn.Parameter(torch.zeros(args.n_heads))  # learned sink logit per query head
+        self.local = layer in args.local_layers  # a sliding layer: its own window, no sink tokens
 
     def forward(self, x: torch.Tensor, slab: KVSlab, batch: StepBatch) -> torch.Tensor:
         n = x.shape[0]
@@ -115,7 +120,7 @@ class Attention(llama.Attention):
         q = q.view(n, self.n_heads, self.head_dim)
         k = k.view(n, self.n_kv_heads, self.head_dim)
         v = v.view(n, self.n_kv_heads, self.head_dim)
-        out = sink_window_attention(q, k, v, slab, self.layer, batch, sink_logits=self.sinks)
+        out = sink_window_attention(q, k, v, slab, self.layer, batch, local=self.local, sink_logits=self.sinks)
         return self.wo(out.view(n, q_size))
 
 
