@@ -166,10 +166,16 @@ the recompute policy equals HF over the held tokens; batched decode equals each 
 rebuild give the same continuation; int4 (q/k/v/o and the head packed, router and experts dense, bfloat16)
 matches HF on the same quantised values within 3% of the largest logit (measured ~1%).
 
-**Not yet**: sliding-attention layers narrower than the cache. Until the per-layer local window is wired
-(`# local_window:` in gpt_oss.py), a config with sliding layers caps the engine's context at `sliding_window`
-(128 for the published models), so `sinks + window` above it is refused at start; all-full-attention configs
-have no cap. Quantised checkpoints (mxfp4, the published files) are refused: de-quantise to bf16 first.
+**Sliding layers** (alternating with full ones, `sliding_window` 128 in the published models) are the engine's
+local layers, the mechanism Gemma uses (`step_inputs.LocalLayers`): a query on a sliding layer sees the cached
+keys fewer than `sliding_window` text positions back, itself included, and no sink tokens (HF's sliding layers
+have none; the layer's learned sink logit still joins its softmax). Full layers see the sink tokens and the whole
+rolling window. The test variant `yarn_alternating` has a sliding window of 8 against caches of 28 to 204
+entries, so its HF comparison before eviction and its plain reference after it (which drops the held entries 8
+or more text positions back on sliding layers) check those masks. Sliding layers still take sinks + window
+entries in the slab: the mask narrows what they read, not what they store.
+
+Quantised checkpoints (mxfp4, the published files) are refused: de-quantise to bf16 first.
 
 **Tensor parallelism**: not partitioned; `--tensor-parallel 2` is refused at start: "{tp}"
 
