@@ -187,8 +187,9 @@ def _group_attention(out, q_cache, q_window, k_cache, k_window, v, slab: KVSlab,
         )
         out[group.tokens[group.valid]] = attn[group.valid]
         return
-    slab_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range)
-    slab_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range)
+    # the sink entries and the ring's entries written so far (the mask's columns): a fresh cache reads none
+    slab_k = _slot_block(slab.k_layers[layer], group.slots, group.slot_range, sinks + group.ring_used)
+    slab_v = _slot_block(slab.v_layers[layer], group.slots, group.slot_range, sinks + group.ring_used)
     sink_k, ring_k = slab_k[:, :, :sinks], slab_k[:, :, sinks:]
     sink_v, ring_v = slab_v[:, :, :sinks], slab_v[:, :, sinks:]
 

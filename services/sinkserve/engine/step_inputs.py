@@ -99,14 +99,16 @@ class AttnGroup:
     slot_range: tuple[int, int] | None  # (start, stop) when slots are contiguous: slab slices, no copy
     tokens: torch.Tensor  # [B, T] flat token index per (row, query); padding points at row N (zeros)
     valid: torch.Tensor  # [B, T] bool: real query
-    mask: torch.Tensor  # bool [B, T, sinks + T + window + T]: which key each query sees
+    # bool [B, T, sinks + T + ring_used + T]: which key each query sees (the ring's never-written entries are
+    # left out, so a chunk into a fresh cache costs its own length, not the window's)
+    mask: torch.Tensor
     # No sinks and nothing in any row's ring (recompute re-encodes, a window session's first chunk): the chunk
     # attends causally to itself only, and the fused attention kernel does it without a [T x T] score tensor.
     chunk_only: bool = False
     # Sink-less chunks over a ring: `mask` laid out for the fused kernel, [B, 1, per_kv * T, ring_used + T].
     attn_mask: torch.Tensor | None = None
     ring_used: int = 0  # ring entries [0, ring_used) can hold keys for some row (the rest were never written)
-    # ALiBi: float32 [B, 1, 1, T, sinks + T + window + T], query cache position minus key cache position per
+    # ALiBi: float32 [B, 1, 1, T, sinks + T + ring_used + T], query cache position minus key cache position per
     # column of `mask` (masked columns hold anything)
     alibi_distance: torch.Tensor | None = None
 
@@ -285,7 +287,7 @@ def _local_group(group: AttnGroup, slab: KVSlab, window: int) -> AttnGroup:
     key_position = torch.cat([
         torch.arange(sinks, device=device)[None, :].expand(batch, -1),  # sink entries hold positions 0..sinks-1
         t_q,  # the chunk, cache frame
-        slab.entry_position[group.slots, sinks:],  # the ring (stale entries are already masked out)
+        slab.entry_position[group.slots, sinks : sinks + group.ring_used],  # the ring's used entries
         t_q,  # the chunk, window frame
     ], dim=-1)
     mask = group.mask & (t_q[:, :, None] - key_position[:, None, :] < window)
@@ -308,7 +310,8 @@ def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int, a
     seen = n_seen[idx]
 
     sink_mask = (torch.arange(sinks, device=device)[None, :] < seen[:, None])[:, None, :].expand(-1, steps, -1)
-    ring_position = slab.entry_position[group_slots, sinks:]  # [B, W]
+    ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
+    ring_position = slab.entry_position[group_slots, sinks : sinks + ring_used]  # [B, ring_used]
     ring = (ring_position >= 0)[:, None, :] & (t_q[:, :, None] - ring_position[:, None, :] <= window - 1)
     causal = arange_t[None, :, None] >= arange_t[None, None, :]  # [1, T(q), T(k)]
     key_valid = valid[:, None, :]
@@ -317,7 +320,6 @@ def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int, a
     chunk_window = key_valid & causal & (t_q >= sinks)[:, None, :] & (distance <= window - 1)
     mask = torch.cat([sink_mask, chunk_sink, ring, chunk_window], dim=-1) & valid[:, :, None]
     mask[..., -1] |= ~mask.any(-1)  # padding queries: any key, result discarded (avoids NaN)
-    ring_used = min(window, max(0, int(seen.max()) - sinks))  # entries are written in order until the ring wraps
     # Within one chunk every distance is below the window, so with no sinks and an empty ring the mask
     # is plain causal.
     chunk_only = sinks == 0 and ring_used == 0 and steps <= window and not alibi
@@ -333,7 +335,7 @@ def _group(members, lengths, starts, slots, n_seen, slab: KVSlab, per_kv: int, a
     elif sinks == 0 and not chunk_only:
         # One frame only (window, dense, recompute past its first chunk): [B, T, ring_used + T] in the query
         # order of attention's heads-first layout, [B, 1, per_kv * T, keys].
-        keys = torch.cat([mask[..., steps : steps + ring_used], mask[..., steps + window :]], dim=-1)
+        keys = mask[..., steps:]  # the ring's used entries, then the chunk
         attn_mask = keys[:, None].expand(len(members), per_kv, steps, keys.shape[-1]).reshape(
             len(members), 1, per_kv * steps, keys.shape[-1]
         )
