@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                           {c: len(p) for c, p in v.items()} if k == "single" else v)
                       for k, v in spec_dict.items()}
     result["spec"]["concurrent_prompts"] = len(spec.concurrent_prompts)
+    # file names only: the report describes the run, not this machine's directories
+    result["spec"]["checkpoint"] = Path(spec.checkpoint).name
+    result["spec"]["gguf"] = Path(spec.gguf).name
     (docs / f"{stem}.json").write_text(json.dumps(result, indent=1))
     write_markdown({**result, "spec": {**result["spec"], "single": spec_dict["single"],
                                        "message_ids": spec.message_ids, "overflow_prompt": spec.overflow_prompt,
