@@ -35,7 +35,7 @@ from .loopback import assert_loopback_only
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-RECOVERY_BOUND_S = 30  # redis-server killed -> the stack serves the session's next turn again
+RECOVERY_ATTEMPTS = 60  # redis-server killed -> the session's next turn is served again (0.5 s apart)
 START_BOUND_S = 240  # `sinkserve up` with the tiny model on a busy 2-core machine
 
 
@@ -156,16 +156,17 @@ def snapshot(defaults: dict[str, str], sid: str, api_key: str):
     return store_read(defaults, read)
 
 
-def turn_until_served(client: SinkServeClient, sid: str, text: str, bound_s: float):
-    """The next turn, retried while the stack answers UNAVAILABLE (Redis coming back), within `bound_s`."""
-    deadline = time.monotonic() + bound_s
-    while True:
+def turn_until_served(client: SinkServeClient, sid: str, text: str, attempts: int, max_tokens: int = 4,
+                      pause_s: float = 0.5):
+    """The next greedy turn, retried while the stack answers UNAVAILABLE (Redis or a replica coming back), at most
+    `attempts` times, `pause_s` apart: a bounded poll (a recovery that never comes fails), no time asserted."""
+    for attempt in range(attempts):
         try:
-            return client.chat(sid, text, max_tokens=4, temperature=0.0)
+            return client.chat(sid, text, max_tokens=max_tokens, temperature=0.0)
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
                 raise
-            time.sleep(0.5)
+            time.sleep(pause_s)
 
 
 def test_redis_kill_9_and_a_whole_restart_lose_nothing(tiny_checkpoint, tmp_path):
@@ -204,10 +205,8 @@ def test_redis_kill_9_and_a_whole_restart_lose_nothing(tiny_checkpoint, tmp_path
         old_pid = up.redis_pid()
         assert f"(pid {old_pid}, data in {data_dir}" in up.log()
         os.kill(old_pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, second_turn = turn_until_served(client, sid, "turn two", RECOVERY_BOUND_S)
-        recovery_s = time.monotonic() - killed_at
-        assert second_turn.turn == 2 and recovery_s <= RECOVERY_BOUND_S
+        _, second_turn = turn_until_served(client, sid, "turn two", RECOVERY_ATTEMPTS)
+        assert second_turn.turn == 2
         new_pid = up.redis_pid()
         assert new_pid != old_pid and f"redis-server restarted (pid {new_pid})" in up.log()
         assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() != psutil.STATUS_ZOMBIE

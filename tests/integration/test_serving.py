@@ -523,12 +523,14 @@ def test_gateway_killed_mid_stream_the_session_is_served_again_once_its_lease_la
     assert report is not None and report.queue == 0
 
 
-OWNER_KILL_RECOVERY_S = 30  # owner replica killed mid-stream -> the session's next turn is served elsewhere
+# owner replica killed mid-stream -> the session's next turn is served elsewhere after at most this many
+# refused attempts, 0.5 s apart (a bounded poll: a hung recovery fails the test, no time is asserted)
+OWNER_KILL_RECOVERY_ATTEMPTS = 60
 
 
 def test_owner_replica_killed_mid_stream_session_served_elsewhere(stack, client_factory):
     """kill -9 of the replica streaming a turn: the client's stream ends with UNAVAILABLE (the turn was never
-    acknowledged), the session is served by the other replica within OWNER_KILL_RECOVERY_S, rebuilt from the
+    acknowledged), the session is served by the other replica within OWNER_KILL_RECOVERY_ATTEMPTS attempts, rebuilt from the
     transcript (acknowledged turns byte-identical, the cut turn not recorded), and no slot is left busy."""
     import os
     import signal
@@ -547,21 +549,20 @@ def test_owner_replica_killed_mid_stream_session_served_elsewhere(stack, client_
                                      request_id="story-1")
         _first_delta(stream)
         os.kill(report.pid, signal.SIGKILL)
-        killed = time.monotonic()
         with pytest.raises(grpc.RpcError) as cut:
             for _ in stream:
                 pass
         assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value.details()
-        while True:
+        text = final = None
+        for _ in range(OWNER_KILL_RECOVERY_ATTEMPTS):
             try:
                 text, final = client.chat(sid, "are you back?", max_tokens=4, request_id="after-1")
                 break
             except grpc.RpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), err.details()
-                assert time.monotonic() - killed < OWNER_KILL_RECOVERY_S, "the session is not served again"
                 time.sleep(0.5)
-        recovered_s = time.monotonic() - killed
-        assert recovered_s < OWNER_KILL_RECOVERY_S and text
+        assert final is not None, "the session is not served again"
+        assert text
         assert final.replica != owner
         after = stack.loop.run(stack.store.sessions.transcript(sid))
         assert after[:2] == before  # acknowledged turns: nothing lost or rewritten

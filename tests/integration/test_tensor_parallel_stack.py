@@ -28,7 +28,8 @@ from .test_local_stack_durability import Up, store_read, turn_until_served
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-RECOVERY_BOUND_S = 300  # shard killed -> health check fails -> Serve starts a new 2-shard replica (busy 2 cores)
+# shard killed -> health check fails -> Serve starts a new 2-shard replica (busy 2 cores): attempts 1 s apart
+RECOVERY_ATTEMPTS = 300
 SYSTEM = "be brief"
 TURNS = ("hello there, tell me a story", "and then what happened next?")
 TOKENS = 24  # per turn: two turns and their prompts pass the window (28), so the cache evicts
@@ -103,18 +104,6 @@ def transcript_ends(defaults: dict[str, str], sid: str) -> tuple[list[int], int]
     return store_read(defaults, read)
 
 
-def chat_until_served(client: SinkServeClient, sid: str, text: str, bound_s: float):
-    """One greedy turn, retried while the stack answers UNAVAILABLE (the replica being replaced)."""
-    deadline = time.monotonic() + bound_s
-    while True:
-        try:
-            return client.chat(sid, text, max_tokens=TOKENS, temperature=0.0)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 def test_sharded_replica_serves_like_one_process_and_survives_a_killed_shard(tiny_checkpoint, reference, tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("two shards need two CPUs")
@@ -160,9 +149,10 @@ def test_sharded_replica_serves_like_one_process_and_survives_a_killed_shard(tin
         assert "tensor-parallel shard" in ended.value.details()
         assert transcript(defaults, sid) == acknowledged
 
-        # Serve replaces the replica (new shards); within the bound the session's next turn is served, rebuilt
+        # Serve replaces the replica (new shards); within the attempts the session's next turn is served, rebuilt
         # from the transcript, equal to the unsharded engine rebuilt from the same ends.
-        served, final = chat_until_served(client, sid, "are you back?", RECOVERY_BOUND_S)
+        served, final = turn_until_served(client, sid, "are you back?", RECOVERY_ATTEMPTS, max_tokens=TOKENS,
+                                          pause_s=1)
         assert final.turn == len(TURNS) + 1
         assert final.replica != first_replica  # Serve replaced the replica that lost its shard
         print(f"\nshard killed after {deltas} delta(s): {ended.value.details()!r}; next turn served "

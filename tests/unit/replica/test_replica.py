@@ -336,10 +336,10 @@ async def test_an_overloaded_replica_refuses_a_turn_it_cannot_start_before_its_d
     backlog = asyncio.create_task(turn(replica, busy_sid, "lorem ipsum " * 20_000, GenerationParams(max_tokens=1)))
     while (await replica.loop.submit(Snapshot())).prefill_tokens_per_s is None:  # the engine has measured its rate
         await asyncio.sleep(0.01)
-    started = time.monotonic()
+    # Refused up front (RESOURCE_EXHAUSTED "overloaded"), not failed at its deadline (DEADLINE_EXCEEDED).
     with pytest.raises(ResourceExhausted, match="overloaded") as refused:
         await turn(replica, sid, "hello?", deadline_unix=time.time() + 0.5)
-    assert time.monotonic() - started < 0.5 and refused.value.retry_after_s >= 1
+    assert refused.value.retry_after_s >= 1
     assert await replica.store.sessions.transcript_len(sid) == 0
     # Without a deadline that tight the same turn is accepted (it waits its turn).
     backlog.cancel()
