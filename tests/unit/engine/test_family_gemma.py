@@ -5,6 +5,7 @@ tensor-parallel refusal."""
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from sinkserve.engine.step_inputs import RowInput
 from sinkserve.engine.testing import TOKENIZER_FILES, random_ids
 from sinkserve.engine.weights import prepare_bundled_model
 from sinkserve.errors import UnsupportedModel
-from sinkserve.protocol import GenerationParams
+
+import family_checks
+from family_checks import engine_for, hf_model
 
 VOCAB = 49152  # the bundled tokenizer's
 LOCAL = 8  # sliding_window, below the engine's window
@@ -60,17 +63,6 @@ def checkpoints(tmp_path_factory):
                 shutil.copy(source / file, out / file)
         made[name] = out
     return made
-
-
-def engine_for(path, **overrides):
-    fields = dict(model=str(path), sinks=4, window=32, slots=4, device="cpu", prefill_chunk=16, num_threads=1,
-                  dtype="float32", weights="dense")
-    fields.update(overrides)
-    return load_engine(EngineConfig(**fields))
-
-
-def hf_model(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -280,69 +272,19 @@ def test_dense_and_recompute_policies(checkpoints, variant):
     assert (last[0] - expect).abs().max() <= 1e-4
 
 
-def _turn(engine, sid, text, **params):
-    return [o.token_id for o in engine.chat(sid, text, GenerationParams(**params))]
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_batched_decode_equals_each_session_alone(checkpoints, variant):
-    path = checkpoints[variant]
-    prompts = ["hi", "tell me a long story about " + "dragons " * 10, "a medium sized message " * 3]
-    params = GenerationParams(max_tokens=20, ignore_eos=True)
-    alone = []
-    for i, text in enumerate(prompts):
-        engine = engine_for(path)
-        sid = engine.open_session(system_prompt=f"system {i}")
-        alone.append([o.token_id for o in engine.chat(sid, text, params)])
-    engine = engine_for(path)
-    sids = [engine.open_session(system_prompt=f"system {i}") for i in range(len(prompts))]
-    for sid, text in zip(sids, prompts):
-        engine.add_message(sid, text, params)
-    together, widest = {sid: [] for sid in sids}, 0
-    while engine.has_work():
-        outs = engine.step()
-        widest = max(widest, len(outs))
-        for out in outs:
-            together[out.session_id].append(out.token_id)
-    assert widest == 3
-    assert [together[sid] for sid in sids] == alone
+    family_checks.batched_decode_equals_each_session_alone(partial(engine_for, checkpoints[variant]))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_park_and_unpark_are_exact(checkpoints, variant):
-    path = checkpoints[variant]
-    engine, reference = engine_for(path, slots=2), engine_for(path, slots=2)
-    sid, rid = engine.open_session(), reference.open_session()
-    _turn(engine, sid, "hello there", max_tokens=40, ignore_eos=True)  # past sinks + window: evicting
-    _turn(reference, rid, "hello there", max_tokens=40, ignore_eos=True)
-    engine.park(sid)
-    assert engine.session_view(sid).parked and engine.free_slots == 2
-    other = engine.open_session()  # the freed slot is reused meanwhile
-    _turn(engine, other, "someone else", max_tokens=5)
-    a = _turn(engine, sid, "continue", max_tokens=12, ignore_eos=True)
-    assert a == _turn(reference, rid, "continue", max_tokens=12, ignore_eos=True)
+    family_checks.park_and_unpark_are_exact(partial(engine_for, checkpoints[variant]))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_rebuild_from_transcript(checkpoints, variant):
-    """Without eviction a rebuilt session is the same cache (exact); with eviction the rebuild ingests the
-    transcript's sinks + last window ids and holds as many entries as the live session."""
-    path = checkpoints[variant]
-    engine = engine_for(path, window=200, slots=1)
-    sid = engine.open_session()
-    transcript = []
-    for i in range(3):
-        transcript += list(engine.chat(sid, f"turn {i}", GenerationParams(max_tokens=10, ignore_eos=True)))[-1].turn_tokens
-    twin = engine_for(path, window=200, slots=1)
-    twin.import_session("copy", transcript)
-    assert _turn(engine, sid, "again", max_tokens=10, ignore_eos=True) == _turn(twin, "copy", "again", max_tokens=10,
-                                                                                 ignore_eos=True)
-    small = engine_for(path, slots=1)
-    small.import_session("evicted", transcript)
-    assert len(transcript) > 36
-    assert len(_turn(small, "evicted", "again", max_tokens=10, ignore_eos=True)) == 10
-    view = small.session_view("evicted")
-    assert view.cache_entries == 36 and view.tokens_seen == engine.session_view(sid).tokens_seen
+    family_checks.rebuild_from_transcript(partial(engine_for, checkpoints[variant]), evicted_entries=36)
 
 
 @torch.no_grad()
