@@ -105,12 +105,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    # what a family built on this block swaps in (Qwen3's normed attention, gpt-oss's sinks and experts)
+    attention_cls: type[nn.Module] = Attention
+    feed_forward_cls: type[nn.Module] = FeedForward
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, layer)
+        self.attention = self.attention_cls(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = self.feed_forward_cls(args)
 
     def forward(self, x: torch.Tensor, slab: KVSlab, batch: StepBatch) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), slab, batch)
@@ -118,11 +122,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    block_cls: type[nn.Module] = Block
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(self.block_cls(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from sinkserve.engine.attention import StepBatch, sink_window_attention
 from sinkserve.engine.kv_cache import KVSlab
 from sinkserve.engine.models import llama
-from sinkserve.engine.models.llama import FeedForward, RMSNorm
+from sinkserve.engine.models.llama import RMSNorm
 from sinkserve.errors import UnsupportedModel
 
 HF_ARCHITECTURES = ("Qwen3ForCausalLM",)
@@ -53,24 +52,11 @@ class Attention(llama.Attention):
 
 
 class Block(llama.Block):
-    def __init__(self, args: ModelArgs, layer: int):
-        nn.Module.__init__(self)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, layer)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+    attention_cls = Attention
 
 
 class Transformer(llama.Transformer):
-    def __init__(self, args: ModelArgs):
-        nn.Module.__init__(self)
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+    block_cls = Block
 
     @staticmethod
     def convert_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
