@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, default_text, load_average, log, machine_description
-from benchmarks.peers.workload import Spec, parse
+from benchmarks.peers.workload import Spec, median, parse
 
 PEERS_DIR = REPO_ROOT / ".peers"
 # system -> (virtualenv under .peers/ or None for this interpreter, worker module)
@@ -90,12 +90,12 @@ def cpu_key() -> str:
     return "unknown"
 
 
-def run_worker(system: str, spec_path: Path) -> dict:
+def run_worker(system: str, spec: Spec, spec_path: Path) -> dict:
     python, why = _python_for(system)
     if python is None:
         return {"system": system, "unavailable": why}
     _, module = SYSTEMS[system]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(Spec.load(spec_path).threads),
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(spec.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_HOST_IP="127.0.0.1",
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     load_before = load_average()
@@ -150,9 +150,7 @@ def summarise(spec: Spec, runs: dict[str, list[dict]]) -> dict:
         for system in runs:
             got = sorted(values(system, getter))
             if got:
-                row["systems"][system] = {"median": got[len(got) // 2] if len(got) % 2 else
-                                          (got[len(got) // 2 - 1] + got[len(got) // 2]) / 2,
-                                          "min": got[0], "max": got[-1], "rounds": len(got)}
+                row["systems"][system] = {"median": median(got), "min": got[0], "max": got[-1], "rounds": len(got)}
         ours = row["systems"].get("sinkserve")
         row["speedup"] = {}  # > 1: sinkserve is faster
         for system, stat in row["systems"].items():
@@ -181,8 +179,18 @@ def _fmt(stat: dict | None, digits: int) -> str:
     return f"{m:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})" if stat["rounds"] > 1 else f"{m:,.{digits}f}"
 
 
-def write_markdown(result: dict, path: Path, plot_name: str | None) -> None:
-    spec, summary, machine = result["spec"], result["summary"], result["machine"]
+def spec_summary(spec: Spec) -> dict:
+    """The spec as the JSON keeps it: id lists by their lengths, files by their names (not this machine's paths)."""
+    return {"threads": spec.threads, "decode_tokens": spec.decode_tokens, "message": spec.message,
+            "message_ids": len(spec.message_ids), "single": {c: len(p) for c, p in spec.single.items()},
+            "concurrent_prompts": len(spec.concurrent_prompts), "concurrency": spec.concurrency,
+            "ttft_prompt": len(spec.ttft_prompt), "overflow_prompt": len(spec.overflow_prompt),
+            "context": spec.context, "sinkserve": spec.sinkserve, "checkpoint": Path(spec.checkpoint).name,
+            "gguf": Path(spec.gguf).name}
+
+
+def write_markdown(result: dict, spec: Spec, path: Path, plot_name: str | None) -> None:
+    summary, machine = result["summary"], result["machine"]
     systems = list(summary["systems"])
     peers = [s for s in systems if s != "sinkserve"]
     lines = ["# sinkserve beside llama.cpp and vLLM (CPU)", "",
@@ -191,11 +199,11 @@ def write_markdown(result: dict, path: Path, plot_name: str | None) -> None:
              "peer's, from the medians (> 1: sinkserve is faster).", "",
              f"- Machine: {machine['cpu']}, {machine['affinity_cpus']} CPUs, torch CPU capability "
              f"`{machine['torch_cpu_capability']}`; flags: {', '.join(machine['cpu_flags'])}.",
-             f"- Threads: {spec['threads']} for every system. Load average before/after each worker run is in "
+             f"- Threads: {spec.threads} for every system. Load average before/after each worker run is in "
              "docs/peers.json.",
              f"- Same token ids for everyone: a transcript from the stdlib's pydoc topics followed by one chat "
-             f"message ({len(spec['message_ids'])} ids); greedy decoding, end-of-sequence ignored, "
-             f"{spec['decode_tokens']} timed decode tokens per measurement. Concurrent sessions: 64-token "
+             f"message ({len(spec.message_ids)} ids); greedy decoding, end-of-sequence ignored, "
+             f"{spec.decode_tokens} timed decode tokens per measurement. Concurrent sessions: 64-token "
              "transcripts, a context of 256 per session. Prefix caching is off in every peer, so no prompt is "
              "served from an earlier round's cache.", ""]
     for system in systems:
@@ -214,9 +222,9 @@ def write_markdown(result: dict, path: Path, plot_name: str | None) -> None:
         cells = [_fmt(row["systems"].get(s), digits) for s in systems]
         ratios = [f"{row['speedup'][p]:.2f}x" if p in row["speedup"] else "—" for p in peers]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    lines += ["", f"## Past the peers' context ({spec['context']:,} tokens)", "",
-              f"One prompt of {len(spec['overflow_prompt']) + len(spec['message_ids']):,} ids, each system started "
-              f"with a context of {spec['context']:,}:", ""]
+    lines += ["", f"## Past the peers' context ({spec.context:,} tokens)", "",
+              f"One prompt of {len(spec.overflow_prompt) + len(spec.message_ids):,} ids, each system started "
+              f"with a context of {spec.context:,}:", ""]
     for system in systems:
         overflow = summary["systems"][system]["overflow"]
         if overflow:
@@ -226,15 +234,14 @@ def write_markdown(result: dict, path: Path, plot_name: str | None) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(result: dict, path: Path) -> str | None:
+def plot(result: dict, spec: Spec, path: Path) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = {r["key"]: r for r in result["summary"]["rows"]}
-    spec = result["spec"]
-    smallest = min(spec["single"], key=int)
+    smallest = min(spec.single, key=int)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for system in result["summary"]["systems"]:
@@ -245,7 +252,7 @@ def plot(result: dict, path: Path) -> str | None:
             ys.append(1e3 / single["median"])
             lo.append(1e3 / single["max"])
             hi.append(1e3 / single["min"])
-        for n in spec["concurrency"]:
+        for n in spec.concurrency:
             stat = rows[f"concurrent_{n}"]["systems"].get(system)
             if stat:
                 xs.append(n)
@@ -262,7 +269,7 @@ def plot(result: dict, path: Path) -> str | None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent sessions (1: one session at cache " + smallest + ")")
     ax.set_ylabel("decode tokens/s (all sessions)")
-    ax.set_title(f"SmolLM2-135M, {spec['threads']} threads, {result['machine']['cpu']}", fontsize=9)
+    ax.set_title(f"SmolLM2-135M, {spec.threads} threads, {result['machine']['cpu']}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,32 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(rounds):
             for system in systems:
                 log(f"round {round_no + 1}/{rounds}: {system}")
-                result = run_worker(system, spec_path)
+                result = run_worker(system, spec, spec_path)
                 if "error" in result or "unavailable" in result:
                     log(f"{system}: {result.get('error') or result.get('unavailable')}")
                 runs[system].append(result)
-    from dataclasses import asdict
-
-    spec_dict = asdict(spec)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds,
-              "machine": machine_description(), "spec": spec_dict, "runs": runs,
+              "machine": machine_description(), "spec": spec_summary(spec), "runs": runs,
               "summary": summarise(spec, runs)}
     docs = args.docs_dir
     docs.mkdir(parents=True, exist_ok=True)
     stem = "peers-quick" if args.quick else "peers"
-    plot_name = plot(result, docs / "img" / f"{stem}_concurrency.png")
-    # the id lists are long and carry nothing a reader needs: keep their lengths
-    result["spec"] = {k: (len(v) if isinstance(v, list) and k != "concurrency" else
-                          {c: len(p) for c, p in v.items()} if k == "single" else v)
-                      for k, v in spec_dict.items()}
-    result["spec"]["concurrent_prompts"] = len(spec.concurrent_prompts)
-    # file names only: the report describes the run, not this machine's directories
-    result["spec"]["checkpoint"] = Path(spec.checkpoint).name
-    result["spec"]["gguf"] = Path(spec.gguf).name
+    plot_name = plot(result, spec, docs / "img" / f"{stem}_concurrency.png")
     (docs / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    write_markdown({**result, "spec": {**result["spec"], "single": spec_dict["single"],
-                                       "message_ids": spec.message_ids, "overflow_prompt": spec.overflow_prompt,
-                                       "ttft_prompt": spec.ttft_prompt}}, docs / f"{stem}.md", plot_name)
+    write_markdown(result, spec, docs / f"{stem}.md", plot_name)
     log(f"wrote {docs / (stem + '.md')}")
     return 0
 
